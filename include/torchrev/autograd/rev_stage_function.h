@@ -1,0 +1,299 @@
+#pragma once
+
+// The custom autograd Function behind `torchrev::RevSequential`.
+//
+// Plain autograd keeps, for every block, the tensors F and G need for their
+// backward: memory grows with depth. This Function runs a whole stage of
+// reversible blocks as ONE node of the autograd graph:
+//
+//   forward  (grad mode off): y_0 = x, y_i = block_i(y_{i-1}). Only the stage
+//            output y_n is saved, plus small per-block RNG snapshots. Each
+//            block's input is dropped as soon as the next block has consumed
+//            it. The stage input is never saved, freed or written to: the
+//            caller may still hold it (a ReLU before the stage saves it).
+//
+//   backward walks the blocks in reverse. For block i, given its output
+//            y = (y1, y2) and the gradient dy = (dy1, dy2):
+//
+//              G(y1) is evaluated once, with grad, on a detached y1:
+//                x2      = y2 - G(y1)            reconstructs the input half
+//                dy1    += (dG/dy1)^T dy2        and gives G's gradients
+//                dG/dθ_G = (dG/dθ_G)^T dy2
+//              F(x2) is evaluated once, with grad, on a detached x2:
+//                x1      = y1 - F(x2)
+//                dx2     = dy2 + (dF/dx2)^T dy1
+//                dF/dθ_F = (dF/dθ_F)^T dy1
+//                dx1     = dy1
+//
+//            so each of F and G runs once more than in plain training, and
+//            that single evaluation both reconstructs the input and is the
+//            graph its gradients come from (about 4/3 of plain compute).
+//
+// Every parameter of every block is an input of the Function, and the
+// parameter gradients are computed with `torch::autograd::grad` (never
+// accumulated into `.grad` as a side effect) and returned from backward.
+// Autograd then accumulates each exactly once, so `loss.backward()`,
+// `torch::autograd::grad(loss, parameters)` and per-parameter hooks (which
+// data-parallel reducers rely on) behave as with plain autograd.
+//
+// The recompute replays each block's random draws (dropout) from the RNG state
+// the forward saw, without disturbing the caller's RNG stream; it runs under
+// the forward's autocast state; and it does not update BatchNorm running
+// statistics a second time (see `detail::RecomputeGuard`).
+
+#include <torchrev/detail/autocast_state.h>
+#include <torchrev/detail/rng_state.h>
+#include <torchrev/recompute.h>
+#include <torchrev/rev_block.h>
+
+#include <torch/autograd.h>
+#include <ATen/core/ivalue.h>
+#include <torch/types.h>
+
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace torchrev {
+namespace autograd {
+
+/// What the forward of one `RevStageFunction` call hands to its backward,
+/// besides the saved output tensor.
+struct RevStageState : torch::CustomClassHolder {
+  /// The blocks, in forward order. Holding them keeps them alive until
+  /// backward, as the Python ctx of a Function would.
+  std::vector<std::shared_ptr<RevBlockBase>> blocks;
+  /// How errors name each block, e.g. "torchrev::RevSequential block 3 (...)".
+  std::vector<std::string> names;
+  /// The number of Function inputs (parameters requiring grad) of each block;
+  /// their order is the order of the `params` argument.
+  std::vector<size_t> params_per_block;
+  /// Whether to snapshot and replay the random generators.
+  bool preserve_rng_state = true;
+  /// Generator states just before each block's F and G ran in forward.
+  std::vector<detail::RngState> rng_before_f;
+  std::vector<detail::RngState> rng_before_g;
+  /// The autocast state of the forward.
+  detail::AutocastState autocast;
+};
+
+/// Runs a stage of reversible blocks without storing their activations. Use
+/// it through `torchrev::RevSequential`; call it directly as
+/// `RevStageFunction::apply(state, x, torch::TensorList(params))`, where
+/// `params` lists, block by block, the parameters that require grad.
+struct RevStageFunction : public torch::autograd::Function<RevStageFunction> {
+  static torch::Tensor forward(
+      torch::autograd::AutogradContext* ctx,
+      c10::intrusive_ptr<RevStageState> state,
+      const torch::Tensor& x,
+      torch::TensorList params) {
+    const size_t num_blocks = state->blocks.size();
+    TORCH_CHECK(num_blocks > 0, "torchrev: a stage needs at least one block");
+    size_t expected_params = 0;
+    for (size_t n : state->params_per_block) {
+      expected_params += n;
+    }
+    TORCH_CHECK(
+        expected_params == params.size(),
+        "torchrev: RevStageFunction expected ",
+        expected_params,
+        " parameters for its blocks, but got ",
+        params.size());
+
+    state->autocast = detail::AutocastState::current();
+    if (state->preserve_rng_state) {
+      state->rng_before_f.reserve(num_blocks);
+      state->rng_before_g.reserve(num_blocks);
+    }
+
+    // Grad mode is off here (Function::apply turns it off), so no block keeps
+    // anything: `y` is the only activation alive between blocks.
+    torch::Tensor y = x;
+    for (size_t i = 0; i < num_blocks; ++i) {
+      RevBlockBase& block = *state->blocks[i];
+      const std::string& where = state->names[i];
+      block.check_splittable(y, where);
+      auto [x1, x2] = block.split(y);
+      // The halves are written straight into the block's output.
+      auto out = torch::empty_like(y);
+      auto [y1, y2] = block.split(out);
+      if (state->preserve_rng_state) {
+        state->rng_before_f.push_back(detail::RngState::capture(y.device()));
+      }
+      torch::add_out(y1, x1, block.checked_f(x2, where));
+      if (state->preserve_rng_state) {
+        state->rng_before_g.push_back(detail::RngState::capture(y.device()));
+      }
+      torch::add_out(y2, x2, block.checked_g(y1, where));
+      y = std::move(out);
+    }
+
+    // Saving the output (not an input) is what makes memory independent of
+    // depth. The saved-variable machinery also turns a second backward
+    // without retain_graph, or an in-place change of the output, into errors.
+    ctx->save_for_backward({y});
+    ctx->saved_data["state"] = c10::IValue::make_capsule(state);
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(
+      torch::autograd::AutogradContext* ctx,
+      torch::autograd::variable_list grad_outputs) {
+    TORCH_CHECK(
+        !torch::GradMode::is_enabled(),
+        "torchrev::RevSequential does not support double backward "
+        "(create_graph=true): its backward recomputes activations outside "
+        "the graph. Use plain autograd (e.g. blocks in a "
+        "torch::nn::Sequential) for higher-order gradients.");
+    // Throws "Trying to backward through the graph a second time" once the
+    // graph has been freed by a backward without retain_graph.
+    auto saved = ctx->get_saved_variables();
+    auto state = c10::static_intrusive_pointer_cast<RevStageState>(
+        ctx->saved_data["state"].toCapsule());
+
+    const size_t num_blocks = state->blocks.size();
+    size_t total_params = 0;
+    for (size_t n : state->params_per_block) {
+      total_params += n;
+    }
+    // Output slots: state (not a tensor), x, then one per parameter.
+    torch::autograd::variable_list grads(2 + total_params);
+    size_t param_end = 2 + total_params;
+
+    torch::Tensor y = saved[0].detach();
+    torch::Tensor dy = grad_outputs[0].detach();
+    detail::AutocastStateGuard autocast(state->autocast);
+    for (size_t i = num_blocks; i-- > 0;) {
+      RevBlockBase& block = *state->blocks[i];
+      const std::string& where = state->names[i];
+      const size_t num_params = state->params_per_block[i];
+      const size_t param_begin = param_end - num_params;
+      // The Function's inputs for this block, in the same order as in forward.
+      std::vector<torch::Tensor> params;
+      params.reserve(num_params);
+      for (const auto& p : block.parameters()) {
+        if (p.requires_grad()) {
+          params.push_back(p);
+        }
+      }
+      TORCH_CHECK(
+          params.size() == num_params,
+          where,
+          ": the number of parameters requiring grad changed between forward "
+          "and backward (",
+          num_params,
+          " then ",
+          params.size(),
+          ")");
+
+      auto [y1, y2] = block.split(y);
+      auto [dy1, dy2] = block.split(dy);
+      // The reconstructed input and its gradient are written straight into
+      // the tensors that become the previous block's output and gradient.
+      auto x = torch::empty_like(y);
+      auto dx = torch::empty_like(dy);
+      auto [x1, x2] = block.split(x);
+      auto [dx1, dx2] = block.split(dx);
+      {
+        torch::AutoGradMode enable_grad(true);
+        detail::RecomputeGuard recompute(block);
+
+        // G: reconstruct x2 and back-propagate dy2 through G.
+        auto y1_leaf = y1.detach().requires_grad_(true);
+        torch::Tensor g_out;
+        {
+          detail::ForkedRngGuard rng(
+              state->preserve_rng_state ? state->rng_before_g[i]
+                                        : detail::RngState(),
+              y.device());
+          g_out = block.checked_g(y1_leaf, where);
+        }
+        torch::sub_out(x2, y2, g_out.detach());
+        auto g_grads = differentiate(g_out, y1_leaf, params, dy2);
+        if (g_grads[0].defined()) {
+          torch::add_out(dx1, dy1, g_grads[0]);
+        } else {
+          dx1.copy_(dy1);
+        }
+        accumulate(grads, param_begin, g_grads);
+        g_out = torch::Tensor();
+
+        // F: reconstruct x1 and back-propagate dy1 (now including G's part)
+        // through F.
+        auto x2_leaf = x2.detach().requires_grad_(true);
+        torch::Tensor f_out;
+        {
+          detail::ForkedRngGuard rng(
+              state->preserve_rng_state ? state->rng_before_f[i]
+                                        : detail::RngState(),
+              y.device());
+          f_out = block.checked_f(x2_leaf, where);
+        }
+        auto f_value = f_out.detach();
+        auto f_grads = differentiate(f_out, x2_leaf, params, dx1);
+        // Only now write x1: it shares its storage with x2, which F's graph
+        // saved, and autograd rejects a saved tensor modified in place.
+        torch::sub_out(x1, y1, f_value);
+        if (f_grads[0].defined()) {
+          torch::add_out(dx2, dy2, f_grads[0]);
+        } else {
+          dx2.copy_(dy2);
+        }
+        accumulate(grads, param_begin, f_grads);
+      }
+      // The block's input and its gradient become the previous block's
+      // output and output gradient; this block's tensors are released here.
+      y = std::move(x);
+      dy = std::move(dx);
+      param_end = param_begin;
+    }
+    grads[1] = dy;
+    return grads;
+  }
+
+ private:
+  /// Gradients of `out` (weighted by `grad_out`) with respect to `input` and
+  /// `params`, without touching any `.grad`. Entry 0 is the input's gradient,
+  /// entry 1 + k the k-th parameter's (undefined when unused).
+  static torch::autograd::variable_list differentiate(
+      const torch::Tensor& out,
+      const torch::Tensor& input,
+      const std::vector<torch::Tensor>& params,
+      const torch::Tensor& grad_out) {
+    if (!out.requires_grad()) { // F or G does not depend on anything.
+      return torch::autograd::variable_list(1 + params.size());
+    }
+    torch::autograd::variable_list inputs;
+    inputs.reserve(1 + params.size());
+    inputs.push_back(input);
+    inputs.insert(inputs.end(), params.begin(), params.end());
+    return torch::autograd::grad(
+        {out},
+        inputs,
+        {grad_out},
+        /*retain_graph=*/false,
+        /*create_graph=*/false,
+        /*allow_unused=*/true);
+  }
+
+  /// Adds the parameter gradients of `block_grads` (entries 1, 2, ...) into
+  /// `grads[param_begin]`, `grads[param_begin + 1]`, ...
+  static void accumulate(
+      torch::autograd::variable_list& grads,
+      size_t param_begin,
+      const torch::autograd::variable_list& block_grads) {
+    for (size_t k = 1; k < block_grads.size(); ++k) {
+      const auto& g = block_grads[k];
+      if (!g.defined()) {
+        continue;
+      }
+      auto& slot = grads[param_begin + k - 1];
+      slot = slot.defined() ? slot + g : g;
+    }
+  }
+};
+
+} // namespace autograd
+} // namespace torchrev

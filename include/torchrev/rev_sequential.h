@@ -1,0 +1,262 @@
+#pragma once
+
+#include <torchrev/autograd/rev_stage_function.h>
+#include <torchrev/rev_block.h>
+
+#include <torch/arg.h>
+#include <torch/nn/cloneable.h>
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+#include <torch/types.h>
+
+#include <cstddef>
+#include <memory>
+#include <ostream>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace torchrev {
+
+/// Options for a `RevSequential` stage.
+///
+/// Example:
+/// ```
+/// torchrev::RevSequential stage(
+///     torchrev::RevSequentialOptions().preserve_rng_state(false));
+/// ```
+struct RevSequentialOptions {
+  /// Snapshot the random generators (CPU, and CUDA for CUDA inputs) before
+  /// each F and G in forward and replay them in the backward recompute, so
+  /// dropout masks match the forward's exactly and the caller's RNG stream is
+  /// left untouched. Costs two small snapshots per block; set false only when
+  /// no block draws random numbers.
+  TORCH_ARG(bool, preserve_rng_state) = true;
+};
+
+/// A stage of reversible blocks trained without storing activations.
+///
+/// In training (grad mode on, and the input or a parameter requires grad) the
+/// whole stage runs as one `autograd::RevStageFunction`: forward keeps only the
+/// stage output, backward reconstructs each block's input from its output.
+/// Activation memory is then that of about one block, whatever the depth, for
+/// about 4/3 of the compute. Under `torch::NoGradGuard`, or when nothing
+/// requires grad, it is a plain forward that saves nothing.
+///
+/// ```
+/// torchrev::RevSequential stage;
+/// for (int i = 0; i < 16; ++i) {
+///   stage->push_back(torchrev::RevBlock<torch::nn::Sequential,
+///                                       torch::nn::Sequential>(
+///       torch::nn::Sequential(torch::nn::Linear(4, 4), torch::nn::Tanh()),
+///       torch::nn::Sequential(torch::nn::Linear(4, 4), torch::nn::Tanh())));
+/// }
+/// auto y = stage(torch::randn({32, 8}, torch::requires_grad()));
+/// ```
+///
+/// Blocks are registered as submodules "0", "1", ..., so a stage can be saved
+/// and loaded with `torch::save` / `torch::load` and embedded in any model.
+class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
+ public:
+  RevSequentialImpl() = default;
+
+  explicit RevSequentialImpl(RevSequentialOptions options_)
+      : options(std::move(options_)) {}
+
+  /// Constructs the stage from blocks: module holders (such as
+  /// `RevBlock<F, G>`) or `std::shared_ptr`s of `RevBlockBase` subclasses.
+  template <
+      typename First,
+      typename... Rest,
+      typename = std::enable_if_t<
+          !std::is_same<std::decay_t<First>, RevSequentialOptions>::value &&
+          !std::is_base_of<RevSequentialImpl, std::decay_t<First>>::value>>
+  explicit RevSequentialImpl(First&& first, Rest&&... rest) {
+    push_back(std::forward<First>(first));
+    (push_back(std::forward<Rest>(rest)), ...);
+  }
+
+  /// Constructs the stage with options, then blocks.
+  template <typename... Blocks>
+  explicit RevSequentialImpl(RevSequentialOptions options_, Blocks&&... blocks)
+      : options(std::move(options_)) {
+    (push_back(std::forward<Blocks>(blocks)), ...);
+  }
+
+  /// Appends a block held by a module holder, e.g. a `RevBlock<F, G>` or a
+  /// holder declared with `TORCH_MODULE` around a `RevBlockBase` subclass.
+  template <typename M>
+  void push_back(const torch::nn::ModuleHolder<M>& block) {
+    push_back(block.ptr());
+  }
+
+  /// Appends a block given as a shared pointer to a `RevBlockBase` subclass.
+  template <typename T>
+  void push_back(std::shared_ptr<T> block) {
+    static_assert(
+        std::is_base_of<RevBlockBase, T>::value,
+        "torchrev::RevSequential holds reversible blocks only: the block "
+        "type must derive from torchrev::RevBlockBase");
+    TORCH_CHECK(
+        block != nullptr,
+        "torchrev::RevSequential::push_back: expected a block, got a null "
+        "pointer");
+    register_module(std::to_string(blocks_.size()), block);
+    blocks_.push_back(std::static_pointer_cast<RevBlockBase>(std::move(block)));
+  }
+
+  /// Runs the stage; see the class comment for when activations are stored.
+  torch::Tensor forward(const torch::Tensor& x) {
+    TORCH_CHECK(
+        !blocks_.empty(),
+        "torchrev::RevSequential: cannot run an empty stage; push_back at "
+        "least one reversible block first");
+    TORCH_CHECK(
+        x.defined(),
+        "torchrev::RevSequential: expected a defined input tensor, but got an "
+        "undefined one");
+
+    std::vector<torch::Tensor> params;
+    std::vector<size_t> params_per_block;
+    params_per_block.reserve(blocks_.size());
+    for (const auto& block : blocks_) {
+      size_t count = 0;
+      for (const auto& p : block->parameters()) {
+        if (p.requires_grad()) {
+          params.push_back(p);
+          ++count;
+        }
+      }
+      params_per_block.push_back(count);
+    }
+
+    const bool train =
+        torch::GradMode::is_enabled() && (x.requires_grad() || !params.empty());
+    if (!train) {
+      torch::Tensor y = x;
+      for (size_t i = 0; i < blocks_.size(); ++i) {
+        y = blocks_[i]->forward_checked(y, block_name(i));
+      }
+      return y;
+    }
+
+    auto state = c10::make_intrusive<autograd::RevStageState>();
+    state->blocks = blocks_;
+    state->names.reserve(blocks_.size());
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      state->names.push_back(block_name(i));
+    }
+    state->params_per_block = std::move(params_per_block);
+    state->preserve_rng_state = options.preserve_rng_state();
+    return autograd::RevStageFunction::apply(
+        state, x, torch::TensorList(params));
+  }
+
+  /// Reconstructs the stage input from its output, last block first. Exact up
+  /// to rounding for deterministic blocks; updates no running statistics.
+  torch::Tensor inverse(const torch::Tensor& y) {
+    TORCH_CHECK(
+        !blocks_.empty(),
+        "torchrev::RevSequential: cannot invert an empty stage");
+    torch::Tensor x = y;
+    for (size_t i = blocks_.size(); i-- > 0;) {
+      x = blocks_[i]->inverse_checked(x, block_name(i));
+    }
+    return x;
+  }
+
+  /// The number of blocks.
+  size_t size() const noexcept {
+    return blocks_.size();
+  }
+
+  /// True when the stage holds no block.
+  bool is_empty() const noexcept {
+    return blocks_.empty();
+  }
+
+  /// The block at `index`, as the base class.
+  std::shared_ptr<RevBlockBase> ptr(size_t index) const {
+    check_index(index);
+    return blocks_[index];
+  }
+
+  /// The block at `index`, cast to `T` (nullptr if it is not a `T`).
+  template <typename T>
+  std::shared_ptr<T> ptr(size_t index) const {
+    static_assert(
+        std::is_base_of<RevBlockBase, T>::value,
+        "T must derive from torchrev::RevBlockBase");
+    return std::dynamic_pointer_cast<T>(ptr(index));
+  }
+
+  /// The block at `index`.
+  RevBlockBase& operator[](size_t index) const {
+    return *ptr(index);
+  }
+
+  /// Iterators over the blocks.
+  std::vector<std::shared_ptr<RevBlockBase>>::const_iterator begin() const {
+    return blocks_.begin();
+  }
+  std::vector<std::shared_ptr<RevBlockBase>>::const_iterator end() const {
+    return blocks_.end();
+  }
+
+  /// Deep copy: clones every block (each block type must implement clone()).
+  std::shared_ptr<torch::nn::Module> clone(
+      const torch::optional<torch::Device>& device =
+          torch::nullopt) const override {
+    auto copy = std::make_shared<RevSequentialImpl>(options);
+    for (const auto& block : blocks_) {
+      auto cloned = std::dynamic_pointer_cast<RevBlockBase>(block->clone(device));
+      TORCH_CHECK(
+          cloned != nullptr,
+          "torchrev::RevSequential::clone: clone() of ",
+          block->name(),
+          " did not return a RevBlockBase");
+      copy->push_back(std::move(cloned));
+    }
+    return copy;
+  }
+
+  /// A stage has no parameters of its own.
+  void reset() override {}
+
+  /// Pretty prints `torchrev::RevSequential`, with options that differ from
+  /// the defaults.
+  void pretty_print(std::ostream& stream) const override {
+    stream << "torchrev::RevSequential";
+    if (options.preserve_rng_state() !=
+        RevSequentialOptions().preserve_rng_state()) {
+      stream << "(preserve_rng_state=false)";
+    }
+  }
+
+  /// The options this stage was constructed with.
+  RevSequentialOptions options;
+
+ private:
+  void check_index(size_t index) const {
+    TORCH_CHECK(
+        index < blocks_.size(),
+        "torchrev::RevSequential: index ",
+        index,
+        " is out of range for a stage of ",
+        blocks_.size(),
+        " blocks");
+  }
+
+  std::string block_name(size_t index) const {
+    return "torchrev::RevSequential block " + std::to_string(index) + " (" +
+        blocks_[index]->name() + ")";
+  }
+
+  std::vector<std::shared_ptr<RevBlockBase>> blocks_;
+};
+
+/// Holder of a `RevSequentialImpl`; see there.
+TORCH_MODULE(RevSequential);
+
+} // namespace torchrev

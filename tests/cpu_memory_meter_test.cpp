@@ -1,0 +1,110 @@
+// The CPU memory meter, and the memory a reversible stage actually saves.
+
+#include "test_util.h"
+
+using namespace torchrev::testing;
+
+namespace {
+
+/// Bytes a training step (forward + backward) allocates on top of what was
+/// allocated before it, at its peak. Gradients exist before the step (warm-up)
+/// so they are not counted as activations. Also reports what is still
+/// allocated after the step, relative to before it.
+struct StepMemory {
+  size_t peak = 0;
+  long long leftover = 0;
+};
+
+void train_step(torchrev::RevSequential& stage, const torch::Tensor& x, bool reversible) {
+  auto y = reversible ? stage(x) : plain_forward(stage, x);
+  y.pow(2).mean().backward();
+}
+
+StepMemory measure_step(int depth, bool reversible) {
+  torch::manual_seed(40);
+  auto stage = conv_stage(depth, /*half=*/4);
+  auto x = torch::randn({8, 8, 32, 32});
+  train_step(stage, x, reversible); // warm-up: allocates the .grad tensors
+  for (auto& p : stage->parameters()) {
+    p.grad().zero_();
+  }
+  auto& meter = torchrev::CPUMemoryMeter::instance();
+  const size_t before = meter.current_bytes();
+  meter.reset_peak();
+  train_step(stage, x, reversible);
+  StepMemory result;
+  result.peak = meter.peak_bytes() - before;
+  result.leftover = static_cast<long long>(meter.current_bytes()) -
+      static_cast<long long>(before);
+  return result;
+}
+
+} // namespace
+
+TEST(CPUMemoryMeter, IsInstalledAndCountsTensorBytes) {
+  ASSERT_TRUE(torchrev::CPUMemoryMeter::installed());
+  auto& meter = torchrev::CPUMemoryMeter::instance();
+  const size_t before = meter.current_bytes();
+  meter.reset_peak();
+  {
+    auto t = torch::empty({1000}, torch::kFloat64);
+    EXPECT_EQ(meter.current_bytes() - before, 8000u);
+    auto u = torch::empty({500}, torch::kFloat32);
+    EXPECT_EQ(meter.current_bytes() - before, 10000u);
+  }
+  EXPECT_EQ(meter.current_bytes(), before);
+  EXPECT_EQ(meter.peak_bytes() - before, 10000u);
+}
+
+TEST(CPUMemoryMeter, BudgetRejectsAllocationsThatWouldExceedIt) {
+  auto& meter = torchrev::CPUMemoryMeter::instance();
+  meter.set_budget(meter.current_bytes() + 4096);
+  EXPECT_NO_THROW(torch::empty({1024}, torch::kFloat32));
+  try {
+    torch::empty({1 << 20}, torch::kFloat32);
+    meter.set_budget(0);
+    FAIL() << "expected an out-of-memory error";
+  } catch (const c10::OutOfMemoryError& e) {
+    meter.set_budget(0);
+    EXPECT_NE(std::string(e.what()).find("exceed the budget"), std::string::npos);
+  }
+  EXPECT_NO_THROW(torch::empty({1 << 20}, torch::kFloat32));
+}
+
+TEST(CPUMemoryMeter, ConvolutionsWorkThroughTheMeter) {
+  // oneDNN allocates through raw_allocate/raw_deleter.
+  auto conv = torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 8, 3).padding(1));
+  auto y = conv(torch::randn({2, 3, 16, 16}));
+  EXPECT_EQ(y.sizes(), torch::IntArrayRef({2, 8, 16, 16}));
+}
+
+TEST(RevSequentialMemory, PeakIsFlatInDepthWhilePlainAutogradGrowsLinearly) {
+  const auto rev4 = measure_step(4, true);
+  const auto rev16 = measure_step(16, true);
+  const auto plain4 = measure_step(4, false);
+  const auto plain8 = measure_step(8, false);
+  const auto plain16 = measure_step(16, false);
+  const double rev_ratio = double(rev16.peak) / double(rev4.peak);
+  const double plain_ratio = double(plain16.peak) / double(plain4.peak);
+  std::cout << "[ memory   ] training-step peak above baseline, bytes: "
+            << "reversible depth 4 = " << rev4.peak
+            << ", depth 16 = " << rev16.peak << " (x" << rev_ratio << "); "
+            << "plain depth 4 = " << plain4.peak << ", depth 8 = "
+            << plain8.peak << ", depth 16 = " << plain16.peak << " (x"
+            << plain_ratio << ")" << std::endl;
+  EXPECT_LE(rev_ratio, 1.25);
+  // Plain autograd grows linearly: 8 more blocks cost twice what 4 more do.
+  const double growth = double(plain16.peak - plain8.peak) /
+      double(plain8.peak - plain4.peak);
+  EXPECT_GT(growth, 1.7);
+  EXPECT_LT(growth, 2.3);
+  EXPECT_GT(plain_ratio, 2.5);
+  EXPECT_LT(rev16.peak, plain16.peak / 3);
+}
+
+TEST(RevSequentialMemory, NothingStaysAllocatedAfterATrainingStep) {
+  for (bool reversible : {true, false}) {
+    const auto step = measure_step(8, reversible);
+    EXPECT_EQ(step.leftover, 0) << (reversible ? "reversible" : "plain");
+  }
+}

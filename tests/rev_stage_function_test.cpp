@@ -1,0 +1,284 @@
+// The autograd Function behind RevSequential, checked against plain autograd
+// on the same modules in float64.
+
+#include "test_util.h"
+
+using namespace torchrev::testing;
+
+namespace {
+
+constexpr double kTol = 1e-9; // float64 relative error
+
+struct Step {
+  torch::Tensor y, grad_x;
+  std::vector<torch::Tensor> param_grads;
+};
+
+/// One forward + backward of `stage` (reversible) or of its blocks with plain
+/// autograd, with `.grad` cleared first.
+Step run_step(torchrev::RevSequential& stage, const torch::Tensor& input, bool reversible) {
+  stage->zero_grad();
+  auto x = input.detach().clone().requires_grad_(true);
+  auto y = reversible ? stage(x) : plain_forward(stage, x);
+  // A loss whose gradient is not constant, so every block sees a distinct dy.
+  (y * y).sum().backward();
+  Step step{y.detach(), x.grad(), {}};
+  for (const auto& p : stage->parameters()) {
+    step.param_grads.push_back(p.grad().defined() ? p.grad().clone() : p.grad());
+  }
+  return step;
+}
+
+void expect_steps_match(const Step& rev, const Step& plain, double tol) {
+  EXPECT_CLOSE(rev.y, plain.y, tol);
+  EXPECT_CLOSE(rev.grad_x, plain.grad_x, tol);
+  ASSERT_EQ(rev.param_grads.size(), plain.param_grads.size());
+  for (size_t i = 0; i < rev.param_grads.size(); ++i) {
+    SCOPED_TRACE("parameter " + std::to_string(i));
+    EXPECT_CLOSE(rev.param_grads[i], plain.param_grads[i], tol);
+  }
+}
+
+} // namespace
+
+TEST(RevStageFunction, ForwardAndAllGradientsMatchPlainAutogradFloat64) {
+  torch::manual_seed(0);
+  auto stage = conv_stage(/*depth=*/4, /*half=*/3);
+  stage->to(torch::kFloat64);
+  auto reference = copy_of(stage);
+  auto x = torch::randn({4, 6, 5, 5}, torch::kFloat64);
+  auto rev = run_step(stage, x, /*reversible=*/true);
+  auto plain = run_step(reference, x, /*reversible=*/false);
+  ASSERT_GT(rev.param_grads.size(), 0u);
+  expect_steps_match(rev, plain, kTol);
+}
+
+TEST(RevStageFunction, GradientsMatchPlainAutogradFloat32) {
+  torch::manual_seed(1);
+  auto stage = mlp_stage(/*depth=*/6, /*half=*/8);
+  auto reference = copy_of(stage);
+  auto x = torch::randn({16, 16});
+  auto rev = run_step(stage, x, true);
+  auto plain = run_step(reference, x, false);
+  expect_steps_match(rev, plain, 1e-4);
+}
+
+TEST(RevStageFunction, AutogradGradWithRespectToParametersMatchesAndLeavesGradUntouched) {
+  torch::manual_seed(2);
+  auto stage = conv_stage(3, 2);
+  stage->to(torch::kFloat64);
+  auto reference = copy_of(stage);
+  auto x = torch::randn({3, 4, 4, 4}, torch::kFloat64);
+
+  auto params = stage->parameters();
+  auto y = stage(x);
+  auto grads = torch::autograd::grad({(y * y).sum()}, params);
+  auto ref_params = reference->parameters();
+  auto ref_y = plain_forward(reference, x);
+  auto ref_grads = torch::autograd::grad({(ref_y * ref_y).sum()}, ref_params);
+
+  ASSERT_EQ(grads.size(), ref_grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    SCOPED_TRACE("parameter " + std::to_string(i));
+    EXPECT_CLOSE(grads[i], ref_grads[i], kTol);
+    // No gradient may be accumulated as a side effect of the inner backward.
+    EXPECT_FALSE(params[i].grad().defined());
+  }
+}
+
+TEST(RevStageFunction, EachParameterHookFiresOncePerBackward) {
+  torch::manual_seed(3);
+  auto stage = conv_stage(4, 2);
+  auto params = stage->parameters();
+  std::vector<int> fired(params.size(), 0);
+  for (size_t i = 0; i < params.size(); ++i) {
+    params[i].register_hook([&fired, i](const torch::Tensor& grad) {
+      ++fired[i];
+      return grad;
+    });
+  }
+  auto x = torch::randn({2, 4, 4, 4}, torch::requires_grad());
+  stage(x).sum().backward();
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_EQ(fired[i], 1) << "hook of parameter " << i;
+  }
+  stage(x).pow(2).sum().backward();
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_EQ(fired[i], 2) << "hook of parameter " << i;
+  }
+}
+
+TEST(RevStageFunction, BatchNormRunningStatsAfterAStepEqualPlainAutograds) {
+  torch::manual_seed(4);
+  auto stage = conv_stage(3, 2);
+  stage->to(torch::kFloat64);
+  auto reference = copy_of(stage);
+  auto x = torch::randn({4, 4, 5, 5}, torch::kFloat64);
+  for (int step = 0; step < 2; ++step) {
+    run_step(stage, x * (step + 1), true);
+    run_step(reference, x * (step + 1), false);
+  }
+  auto buffers = stage->named_buffers();
+  auto ref_buffers = reference->named_buffers();
+  ASSERT_EQ(buffers.size(), ref_buffers.size());
+  ASSERT_GT(buffers.size(), 0u);
+  for (const auto& item : buffers) {
+    SCOPED_TRACE(item.key());
+    const auto& ref = ref_buffers[item.key()];
+    if (item.key().find("num_batches_tracked") != std::string::npos) {
+      EXPECT_EQ(item.value().item<int64_t>(), 2);
+      EXPECT_TRUE(item.value().equal(ref));
+    } else {
+      EXPECT_CLOSE(item.value(), ref, kTol);
+    }
+  }
+}
+
+TEST(RevStageFunction, DropoutGradientsMatchPlainAutogradUnderTheSameSeed) {
+  auto stage = mlp_stage(4, 6, /*dropout=*/0.5);
+  stage->to(torch::kFloat64);
+  auto reference = copy_of(stage);
+  auto x = torch::randn({8, 12}, torch::kFloat64);
+
+  torch::manual_seed(5);
+  auto rev = run_step(stage, x, true);
+  auto after_rev = torch::rand({4}, torch::kFloat64);
+  torch::manual_seed(5);
+  auto plain = run_step(reference, x, false);
+  auto after_plain = torch::rand({4}, torch::kFloat64);
+
+  expect_steps_match(rev, plain, kTol);
+  // Dropout was active: without it the output differs.
+  stage->eval();
+  torch::NoGradGuard no_grad;
+  EXPECT_GT(relative_error(stage(x), rev.y), 1e-3);
+  // After backward the user's RNG stream is where plain autograd leaves it.
+  EXPECT_TRUE(after_rev.equal(after_plain));
+}
+
+TEST(RevStageFunction, WithoutRngPreservationDropoutIsNotReplayed) {
+  // The RNG replay is what makes the dropout test pass: without it the
+  // gradients differ. This guards against the dropout test passing vacuously.
+  auto stage = mlp_stage(4, 6, 0.5);
+  stage->options.preserve_rng_state(false);
+  stage->to(torch::kFloat64);
+  auto reference = copy_of(stage);
+  auto x = torch::randn({8, 12}, torch::kFloat64);
+  torch::manual_seed(6);
+  auto rev = run_step(stage, x, true);
+  torch::manual_seed(6);
+  auto plain = run_step(reference, x, false);
+  EXPECT_GT(relative_error(rev.grad_x, plain.grad_x), 1e-3);
+}
+
+TEST(RevStageFunction, ReluBeforeTheStageKeepsTheTensorItSaved) {
+  torch::manual_seed(7);
+  auto stage = conv_stage(3, 2);
+  stage->to(torch::kFloat64);
+  auto reference = copy_of(stage);
+  auto input = torch::randn({2, 4, 4, 4}, torch::kFloat64);
+
+  auto x = input.clone().requires_grad_(true);
+  auto h = torch::relu(x); // ReLU saves h, which is the stage input.
+  auto h_before = h.detach().clone();
+  (stage(h).pow(2)).sum().backward();
+  EXPECT_TRUE(h.detach().equal(h_before)); // never written to or freed
+
+  auto ref_x = input.clone().requires_grad_(true);
+  plain_forward(reference, torch::relu(ref_x)).pow(2).sum().backward();
+  EXPECT_CLOSE(x.grad(), ref_x.grad(), kTol);
+}
+
+TEST(RevStageFunction, BackwardTwiceWithoutRetainGraphIsAnError) {
+  auto stage = mlp_stage(2, 4);
+  auto x = torch::randn({3, 8}, torch::requires_grad());
+  auto loss = stage(x).sum();
+  loss.backward();
+  EXPECT_THROW(loss.backward(), c10::Error);
+}
+
+TEST(RevStageFunction, BackwardTwiceWithRetainGraphAccumulatesTwiceTheGradient) {
+  torch::manual_seed(8);
+  auto stage = mlp_stage(3, 4);
+  stage->to(torch::kFloat64);
+  auto x = torch::randn({3, 8}, torch::dtype(torch::kFloat64).requires_grad(true));
+  auto loss = stage(x).pow(2).sum();
+  loss.backward({}, /*retain_graph=*/true);
+  auto once = x.grad().clone();
+  auto param_once = stage->parameters()[0].grad().clone();
+  loss.backward();
+  EXPECT_CLOSE(x.grad(), 2 * once, kTol);
+  EXPECT_CLOSE(stage->parameters()[0].grad(), 2 * param_once, kTol);
+}
+
+TEST(RevStageFunction, DoubleBackwardIsAClearError) {
+  auto stage = mlp_stage(2, 4);
+  auto x = torch::randn({3, 8}, torch::requires_grad());
+  auto y = stage(x).pow(2).sum();
+  try {
+    torch::autograd::grad({y}, {x}, {}, /*retain_graph=*/true, /*create_graph=*/true);
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("double backward"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(RevStageFunction, InPlaceChangeOfTheOutputIsDetected) {
+  auto stage = mlp_stage(2, 4);
+  auto x = torch::randn({3, 8}, torch::requires_grad());
+  auto y = stage(x);
+  auto loss = y.sum();
+  y.mul_(2); // backward would reconstruct inputs from the modified output
+  EXPECT_THROW(loss.backward(), c10::Error);
+}
+
+TEST(RevStageFunction, OnlyParametersTrainWhenTheInputNeedsNoGrad) {
+  torch::manual_seed(9);
+  auto stage = conv_stage(2, 2);
+  stage->to(torch::kFloat64);
+  auto reference = copy_of(stage);
+  auto x = torch::randn({2, 4, 4, 4}, torch::kFloat64); // no requires_grad
+  auto y = stage(x);
+  ASSERT_TRUE(y.requires_grad());
+  y.pow(2).sum().backward();
+  plain_forward(reference, x).pow(2).sum().backward();
+  auto params = stage->parameters();
+  auto ref_params = reference->parameters();
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_CLOSE(params[i].grad(), ref_params[i].grad(), kTol);
+  }
+}
+
+TEST(RevStageFunction, FrozenParametersGetNoGradient) {
+  torch::manual_seed(10);
+  auto stage = mlp_stage(2, 4);
+  stage->to(torch::kFloat64);
+  auto reference = copy_of(stage);
+  auto frozen = stage->parameters()[0];
+  frozen.requires_grad_(false);
+  reference->parameters()[0].requires_grad_(false);
+  auto x = torch::randn({3, 8}, torch::kFloat64);
+  auto rev = run_step(stage, x, true);
+  auto plain = run_step(reference, x, false);
+  EXPECT_FALSE(frozen.grad().defined());
+  for (size_t i = 1; i < rev.param_grads.size(); ++i) {
+    EXPECT_CLOSE(rev.param_grads[i], plain.param_grads[i], kTol);
+  }
+}
+
+TEST(RevStageFunction, GradientsMatchPlainAutograd_CUDA) {
+  if (!torch::cuda::is_available()) {
+    GTEST_SKIP() << "no CUDA device";
+  }
+  torch::manual_seed(11);
+  auto stage = conv_stage(4, 3, /*batch_norm=*/true, /*dropout=*/0.2);
+  stage->to(torch::Device(torch::kCUDA), torch::kFloat64);
+  auto reference = copy_of(stage);
+  auto x = torch::randn({4, 6, 5, 5}, torch::dtype(torch::kFloat64).device(torch::kCUDA));
+  torch::manual_seed(12);
+  auto rev = run_step(stage, x, true);
+  torch::manual_seed(12);
+  auto plain = run_step(reference, x, false);
+  expect_steps_match(rev, plain, kTol);
+}
