@@ -1,8 +1,6 @@
 #pragma once
 
-#include <torch/nn/module.h>
-#include <torch/nn/modules/batchnorm.h>
-#include <torch/nn/modules/instancenorm.h>
+#include <torch/nn.h>
 
 #include <functional>
 #include <memory>
@@ -40,13 +38,15 @@ class RecomputeGuard {
   explicit RecomputeGuard(torch::nn::Module& root)
       : previous_flag_(recomputing_flag()) {
     recomputing_flag() = true;
-    for (const auto& module : root.modules(/*include_self=*/true)) {
-      detach_stats<torch::nn::BatchNorm1dImpl>(*module) ||
-          detach_stats<torch::nn::BatchNorm2dImpl>(*module) ||
-          detach_stats<torch::nn::BatchNorm3dImpl>(*module) ||
-          detach_stats<torch::nn::InstanceNorm1dImpl>(*module) ||
-          detach_stats<torch::nn::InstanceNorm2dImpl>(*module) ||
-          detach_stats<torch::nn::InstanceNorm3dImpl>(*module);
+    freeze(root);
+  }
+
+  explicit RecomputeGuard(
+      const std::vector<std::shared_ptr<torch::nn::Module>>& roots)
+      : previous_flag_(recomputing_flag()) {
+    recomputing_flag() = true;
+    for (const auto& root : roots) {
+      freeze(*root);
     }
   }
 
@@ -61,6 +61,17 @@ class RecomputeGuard {
   RecomputeGuard& operator=(const RecomputeGuard&) = delete;
 
  private:
+  void freeze(torch::nn::Module& root) {
+    for (const auto& module : root.modules(/*include_self=*/true)) {
+      detach_stats<torch::nn::BatchNorm1dImpl>(*module) ||
+          detach_stats<torch::nn::BatchNorm2dImpl>(*module) ||
+          detach_stats<torch::nn::BatchNorm3dImpl>(*module) ||
+          detach_stats<torch::nn::InstanceNorm1dImpl>(*module) ||
+          detach_stats<torch::nn::InstanceNorm2dImpl>(*module) ||
+          detach_stats<torch::nn::InstanceNorm3dImpl>(*module);
+    }
+  }
+
   template <class NormImpl>
   bool detach_stats(torch::nn::Module& module) {
     auto* norm = dynamic_cast<NormImpl*>(&module);

@@ -1,0 +1,79 @@
+#pragma once
+
+// Training progress on stderr: a live bar on a terminal, plain periodic
+// lines otherwise (CI logs).
+
+#include <fmt/core.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+namespace cifar {
+
+class Progress {
+ public:
+  Progress(int64_t total_steps, int64_t start_step, bool silent)
+      : total_(total_steps),
+        start_step_(start_step),
+        silent_(silent),
+        tty_(::isatty(STDERR_FILENO) == 1),
+        start_(std::chrono::steady_clock::now()) {}
+
+  /// Reports the state after `step` steps, every step. On a terminal it
+  /// redraws the bar; otherwise it prints a line when `log_line` is set.
+  void update(
+      int64_t step,
+      int64_t epoch,
+      double loss,
+      double train_acc,
+      double images_per_s,
+      double test_acc,
+      bool log_line) {
+    if (silent_ || (!tty_ && !log_line && test_acc < 0)) {
+      return;
+    }
+    const double elapsed = std::chrono::duration<double>(
+        std::chrono::steady_clock::now() - start_).count();
+    const double eta = step > start_step_
+        ? elapsed / double(step - start_step_) * double(total_ - step)
+        : 0.0;
+    const std::string test = test_acc >= 0 ? fmt::format(" test_acc {:.4f}", test_acc) : "";
+    if (tty_) {
+      constexpr int kWidth = 30;
+      const int filled = int(kWidth * step / std::max<int64_t>(total_, 1));
+      fmt::print(stderr, "\r[{}{}] step {}/{} epoch {} loss {:.4f} acc {:.3f} {:.0f} img/s ETA {}{}\x1b[K",
+          std::string(filled, '='), std::string(kWidth - filled, ' '), step, total_,
+          epoch, loss, train_acc, images_per_s, format_duration(eta), test);
+      if (test_acc >= 0) {
+        fmt::print(stderr, "\n");
+      }
+    } else {
+      fmt::print(stderr, "step {}/{} epoch {} loss {:.4f} train_acc {:.4f} images/s {:.0f} eta {}{}\n",
+          step, total_, epoch, loss, train_acc, images_per_s, format_duration(eta), test);
+    }
+    std::fflush(stderr);
+  }
+
+  void finish() {
+    if (!silent_ && tty_) {
+      fmt::print(stderr, "\n");
+    }
+  }
+
+  static std::string format_duration(double seconds) {
+    const int64_t s = static_cast<int64_t>(seconds + 0.5);
+    return fmt::format("{}:{:02d}", s / 60, s % 60);
+  }
+
+ private:
+  int64_t total_, start_step_;
+  bool silent_, tty_;
+  std::chrono::steady_clock::time_point start_;
+};
+
+} // namespace cifar

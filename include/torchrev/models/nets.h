@@ -1,0 +1,302 @@
+#pragma once
+
+// The CIFAR networks of the RevNet paper (Gomez et al. 2017): vanilla
+// pre-activation ResNets and RevNets with the same stage layout.
+//
+// Both have a 3x3 stem convolution, three stages at full, 1/2 and 1/4
+// resolution, and a BN-ReLU-global-average-pool-linear head. A ResNet stage is
+// a chain of ordinary residual blocks; a RevNet stage is a `RevSequential`
+// of reversible blocks, opened by a (stored) transition block where the width
+// or the resolution changes. Bottleneck blocks are 4x wider than the listed
+// channel count (expansion 4), as in ResNet-164.
+
+#include <torchrev/checkpoint.h>
+#include <torchrev/models/blocks.h>
+#include <torchrev/rev_sequential.h>
+
+#include <torch/arg.h>
+#include <torch/nn.h>
+#include <torch/types.h>
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <ostream>
+#include <string>
+#include <vector>
+
+namespace torchrev {
+namespace models {
+
+/// Common interface of the zoo's networks: images in, class logits out.
+class ImageClassifier : public virtual torch::nn::Module {
+ public:
+  virtual torch::Tensor forward(const torch::Tensor& images) = 0;
+};
+
+/// Options of a vanilla pre-activation ResNet. Defaults: ResNet-32.
+///
+/// Example:
+/// ```
+/// torchrev::models::ResNet net(torchrev::models::ResNetOptions()
+///                                  .units({18, 18, 18})
+///                                  .bottleneck(true)); // ResNet-164
+/// ```
+struct ResNetOptions {
+  /// Units (blocks) per stage.
+  TORCH_ARG(std::vector<int64_t>, units) = std::vector<int64_t>{5, 5, 5};
+  /// Channels of the stem and of each stage (before bottleneck expansion).
+  TORCH_ARG(std::vector<int64_t>, channels) =
+      std::vector<int64_t>{16, 16, 32, 64};
+  /// Bottleneck (1x1-3x3-1x1, 4x wider output) instead of basic (3x3-3x3)
+  /// blocks.
+  TORCH_ARG(bool, bottleneck) = false;
+  /// Image channels: 3 for CIFAR, 1 for Fashion-MNIST.
+  TORCH_ARG(int64_t, in_channels) = 3;
+  /// Number of classes.
+  TORCH_ARG(int64_t, num_classes) = 10;
+};
+
+/// How a RevNet runs the blocks of its reversible stages.
+enum class StageMode {
+  /// As a `RevSequential`: activations reconstructed in backward.
+  kReversible,
+  /// The same blocks with plain autograd: every activation stored.
+  kStored,
+  /// The same blocks with gradient checkpointing in segments of about
+  /// sqrt(units) blocks (Chen et al. 2016).
+  kCheckpointed,
+};
+
+/// Options of a RevNet. Defaults: RevNet-38.
+///
+/// Example:
+/// ```
+/// torchrev::models::RevNet net(torchrev::models::RevNetOptions()
+///                                  .units({9, 9, 9})
+///                                  .channels({32, 32, 64, 128})
+///                                  .checkpoint_transitions(true));
+/// ```
+struct RevNetOptions {
+  /// Units per stage, the transition block included.
+  TORCH_ARG(std::vector<int64_t>, units) = std::vector<int64_t>{3, 3, 3};
+  /// Channels of the stem and of each stage (before bottleneck expansion).
+  TORCH_ARG(std::vector<int64_t>, channels) =
+      std::vector<int64_t>{32, 32, 64, 112};
+  /// Bottleneck instead of basic residual functions.
+  TORCH_ARG(bool, bottleneck) = false;
+  /// Image channels: 3 for CIFAR, 1 for Fashion-MNIST.
+  TORCH_ARG(int64_t, in_channels) = 3;
+  /// Number of classes.
+  TORCH_ARG(int64_t, num_classes) = 10;
+  /// How the reversible blocks run (to compare memory and time on the same
+  /// blocks).
+  TORCH_ARG(StageMode, mode) = StageMode::kReversible;
+  /// Checkpoint the non-invertible transition blocks too, so that they store
+  /// only their input (the "hybrid" RevNet).
+  TORCH_ARG(bool, checkpoint_transitions) = false;
+};
+
+namespace detail {
+
+template <class Options>
+void check_layout(const Options& options, const char* what) {
+  TORCH_CHECK(
+      !options.units().empty() &&
+          options.channels().size() == options.units().size() + 1,
+      what,
+      ": expected one channel count for the stem and one per stage (",
+      options.units().size() + 1,
+      "), got ",
+      options.channels().size());
+  for (auto n : options.units()) {
+    TORCH_CHECK(n >= 1, what, ": every stage needs at least 1 unit, got ", n);
+  }
+  TORCH_CHECK(options.in_channels() >= 1 && options.num_classes() >= 1,
+      what, ": in_channels and num_classes must be positive");
+}
+
+template <class Options>
+int64_t stage_width(const Options& options, size_t stage) {
+  return options.channels()[stage + 1] * (options.bottleneck() ? 4 : 1);
+}
+
+/// BN-ReLU-pool-flatten: the head before the classifier layer.
+inline torch::nn::Sequential pool_head(int64_t width) {
+  return torch::nn::Sequential(
+      torch::nn::BatchNorm2d(width),
+      torch::nn::ReLU(),
+      torch::nn::AdaptiveAvgPool2d(1),
+      torch::nn::Flatten());
+}
+
+} // namespace detail
+
+/// A pre-activation ResNet for CIFAR-sized images (the vanilla baseline).
+class ResNetImpl : public torch::nn::Cloneable<ResNetImpl>,
+                   public ImageClassifier {
+ public:
+  explicit ResNetImpl(ResNetOptions options_ = {})
+      : options(std::move(options_)) {
+    detail::check_layout(options, "torchrev::models::ResNet");
+    reset();
+  }
+
+  void reset() override {
+    stem = register_module(
+        "stem", conv2d(options.in_channels(), options.channels()[0], 3));
+    stages = register_module("stages", torch::nn::ModuleList());
+    int64_t width = options.channels()[0];
+    for (size_t s = 0; s < options.units().size(); ++s) {
+      const int64_t out = detail::stage_width(options, s);
+      torch::nn::Sequential stage;
+      for (int64_t u = 0; u < options.units()[s]; ++u) {
+        const int64_t stride = (s > 0 && u == 0) ? 2 : 1;
+        stage->push_back(
+            ResidualBlock(options.bottleneck(), width, out, stride));
+        width = out;
+      }
+      stages->push_back(stage);
+    }
+    head = register_module("head", detail::pool_head(width));
+    fc = register_module(
+        "fc", torch::nn::Linear(width, options.num_classes()));
+  }
+
+  torch::Tensor forward(const torch::Tensor& images) override {
+    auto x = stem(images);
+    for (const auto& stage : *stages) {
+      x = stage->as<torch::nn::Sequential>()->forward(x);
+    }
+    return fc(head->forward(x));
+  }
+
+  void pretty_print(std::ostream& stream) const override {
+    stream << "torchrev::models::ResNet";
+  }
+
+  ResNetOptions options;
+  torch::nn::Conv2d stem{nullptr};
+  torch::nn::ModuleList stages{nullptr};
+  torch::nn::Sequential head{nullptr};
+  torch::nn::Linear fc{nullptr};
+};
+TORCH_MODULE(ResNet);
+
+/// A RevNet for CIFAR-sized images: ResNet layout, reversible stages.
+class RevNetImpl : public torch::nn::Cloneable<RevNetImpl>,
+                   public ImageClassifier {
+ public:
+  explicit RevNetImpl(RevNetOptions options_ = {})
+      : options(std::move(options_)) {
+    detail::check_layout(options, "torchrev::models::RevNet");
+    reset();
+  }
+
+  void reset() override {
+    stem = register_module(
+        "stem", conv2d(options.in_channels(), options.channels()[0], 3));
+    transitions = register_module("transitions", torch::nn::ModuleList());
+    stages = register_module("stages", torch::nn::ModuleList());
+    transition_index_.clear();
+    int64_t width = options.channels()[0];
+    for (size_t s = 0; s < options.units().size(); ++s) {
+      const int64_t out = detail::stage_width(options, s);
+      const int64_t stride = s > 0 ? 2 : 1;
+      int64_t reversible_units = options.units()[s];
+      if (width != out || stride != 1) {
+        transition_index_.push_back(static_cast<int64_t>(transitions->size()));
+        transitions->push_back(
+            RevTransitionBlock(options.bottleneck(), width, out, stride));
+        --reversible_units;
+      } else {
+        transition_index_.push_back(-1);
+      }
+      RevSequential stage;
+      for (int64_t u = 0; u < reversible_units; ++u) {
+        stage->push_back(preact_rev_block(options.bottleneck(), out));
+      }
+      stages->push_back(stage);
+      width = out;
+    }
+    head = register_module("head", detail::pool_head(width));
+    fc = register_module(
+        "fc", torch::nn::Linear(width, options.num_classes()));
+  }
+
+  torch::Tensor forward(const torch::Tensor& images) override {
+    auto x = stem(images);
+    for (size_t s = 0; s < stages->size(); ++s) {
+      if (transition_index_[s] >= 0) {
+        auto block = transitions->ptr<RevTransitionBlockImpl>(
+            static_cast<size_t>(transition_index_[s]));
+        x = options.checkpoint_transitions()
+            ? checkpoint(RevTransitionBlock(block), x)
+            : block->forward(x);
+      }
+      auto stage = stages->ptr<RevSequentialImpl>(s);
+      if (!stage->is_empty()) {
+        x = run_stage(*stage, x);
+      }
+    }
+    return fc(head->forward(x));
+  }
+
+  void pretty_print(std::ostream& stream) const override {
+    stream << "torchrev::models::RevNet";
+  }
+
+  RevNetOptions options;
+  torch::nn::Conv2d stem{nullptr};
+  /// The stored (non-invertible) blocks that open stages.
+  torch::nn::ModuleList transitions{nullptr};
+  /// One `RevSequential` per stage.
+  torch::nn::ModuleList stages{nullptr};
+  torch::nn::Sequential head{nullptr};
+  torch::nn::Linear fc{nullptr};
+
+ private:
+  torch::Tensor run_stage(RevSequentialImpl& stage, torch::Tensor x) {
+    switch (options.mode()) {
+      case StageMode::kReversible:
+        return stage.forward(x);
+      case StageMode::kStored:
+        for (const auto& block : stage) {
+          x = block->forward(x);
+        }
+        return x;
+      case StageMode::kCheckpointed: {
+        const size_t n = stage.size();
+        const size_t segment = static_cast<size_t>(
+            std::ceil(std::sqrt(static_cast<double>(n))));
+        for (size_t begin = 0; begin < n; begin += segment) {
+          const size_t end = std::min(n, begin + segment);
+          std::vector<std::shared_ptr<torch::nn::Module>> modules;
+          std::vector<std::shared_ptr<RevBlockBase>> blocks;
+          for (size_t i = begin; i < end; ++i) {
+            blocks.push_back(stage.ptr(i));
+            modules.push_back(blocks.back());
+          }
+          x = checkpoint(
+              std::move(modules),
+              [blocks](const torch::Tensor& in) {
+                torch::Tensor out = in;
+                for (const auto& block : blocks) {
+                  out = block->forward(out);
+                }
+                return out;
+              },
+              x);
+        }
+        return x;
+      }
+    }
+    TORCH_CHECK(false, "torchrev::models::RevNet: unknown stage mode");
+  }
+
+  std::vector<int64_t> transition_index_;
+};
+TORCH_MODULE(RevNet);
+
+} // namespace models
+} // namespace torchrev

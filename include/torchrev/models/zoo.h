@@ -1,0 +1,106 @@
+#pragma once
+
+// The model zoo: the RevNet paper's CIFAR configurations by name.
+//
+// | name       | block      | units    | channels      |
+// |------------|------------|----------|---------------|
+// | resnet32   | basic      | 5-5-5    | 16-16-32-64   |
+// | resnet110  | basic      | 18-18-18 | 16-16-32-64   |
+// | resnet164  | bottleneck | 18-18-18 | 16-16-32-64   |
+// | revnet38   | basic      | 3-3-3    | 32-32-64-112  |
+// | revnet110  | basic      | 9-9-9    | 32-32-64-128  |
+// | revnet164  | bottleneck | 9-9-9    | 32-32-64-128  |
+// | revnet_mini| basic      | 2-2-2    | 16-16-32-64   |
+//
+// revnet_mini is a width- and depth-reduced RevNet for quick runs (the
+// training example's default on Fashion-MNIST).
+
+#include <torchrev/models/nets.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace torchrev {
+namespace models {
+
+/// Options every zoo model takes.
+struct ZooOptions {
+  /// Image channels: 3 for CIFAR, 1 for Fashion-MNIST.
+  TORCH_ARG(int64_t, in_channels) = 3;
+  /// Number of classes.
+  TORCH_ARG(int64_t, num_classes) = 10;
+  /// For RevNets: how the reversible stages run.
+  TORCH_ARG(StageMode, mode) = StageMode::kReversible;
+  /// For RevNets: checkpoint the transition blocks too.
+  TORCH_ARG(bool, checkpoint_transitions) = false;
+};
+
+/// The names `create` accepts, in table order.
+inline std::vector<std::string> model_names() {
+  return {"resnet32", "resnet110", "resnet164", "revnet38", "revnet110",
+          "revnet164", "revnet_mini"};
+}
+
+/// True for the names of RevNets.
+inline bool is_revnet(const std::string& name) {
+  return name.rfind("revnet", 0) == 0;
+}
+
+/// Builds the zoo model `name`. Throws a `c10::Error` that lists the valid
+/// names for an unknown one.
+inline std::shared_ptr<ImageClassifier> create(
+    const std::string& name,
+    const ZooOptions& options = {}) {
+  auto resnet = [&](std::vector<int64_t> units, bool bottleneck) {
+    return std::make_shared<ResNetImpl>(
+        ResNetOptions()
+            .units(std::move(units))
+            .channels({16, 16, 32, 64})
+            .bottleneck(bottleneck)
+            .in_channels(options.in_channels())
+            .num_classes(options.num_classes()));
+  };
+  auto revnet = [&](std::vector<int64_t> units,
+                    std::vector<int64_t> channels,
+                    bool bottleneck) {
+    return std::make_shared<RevNetImpl>(
+        RevNetOptions()
+            .units(std::move(units))
+            .channels(std::move(channels))
+            .bottleneck(bottleneck)
+            .in_channels(options.in_channels())
+            .num_classes(options.num_classes())
+            .mode(options.mode())
+            .checkpoint_transitions(options.checkpoint_transitions()));
+  };
+  if (name == "resnet32") return resnet({5, 5, 5}, false);
+  if (name == "resnet110") return resnet({18, 18, 18}, false);
+  if (name == "resnet164") return resnet({18, 18, 18}, true);
+  if (name == "revnet38") return revnet({3, 3, 3}, {32, 32, 64, 112}, false);
+  if (name == "revnet110") return revnet({9, 9, 9}, {32, 32, 64, 128}, false);
+  if (name == "revnet164") return revnet({9, 9, 9}, {32, 32, 64, 128}, true);
+  if (name == "revnet_mini") return revnet({2, 2, 2}, {16, 16, 32, 64}, false);
+  std::string valid;
+  for (const auto& n : model_names()) {
+    valid += (valid.empty() ? "" : ", ") + n;
+  }
+  TORCH_CHECK(
+      false,
+      "torchrev::models::create: unknown model '",
+      name,
+      "'; expected one of: ",
+      valid);
+}
+
+/// The number of parameters (elements) of a module.
+inline int64_t parameter_count(const torch::nn::Module& module) {
+  int64_t count = 0;
+  for (const auto& p : module.parameters()) {
+    count += p.numel();
+  }
+  return count;
+}
+
+} // namespace models
+} // namespace torchrev

@@ -1,0 +1,136 @@
+// The example's data readers: CIFAR binary files written by the test in the
+// real format, and Debian's real Fashion-MNIST files.
+
+#include "../examples/cifar/data.h"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+/// A scratch folder removed at the end of the test.
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    path = fs::temp_directory_path() /
+        ("torchrev_data_" + std::to_string(::getpid()) + "_" +
+         std::to_string(std::random_device{}()));
+    fs::create_directories(path);
+  }
+  ~TempDir() {
+    fs::remove_all(path);
+  }
+};
+
+/// Writes `n` CIFAR records; record i has label (i * 7) % classes and pixel
+/// value (i + channel + row + col) % 256, so the test can check decoding.
+void write_cifar(const fs::path& file, int n, int label_bytes, int classes) {
+  std::ofstream out(file, std::ios::binary);
+  for (int i = 0; i < n; ++i) {
+    if (label_bytes == 2) {
+      out.put(static_cast<char>(i % 20)); // coarse label
+    }
+    out.put(static_cast<char>((i * 7) % classes));
+    for (int c = 0; c < 3; ++c) {
+      for (int r = 0; r < 32; ++r) {
+        for (int k = 0; k < 32; ++k) {
+          out.put(static_cast<char>((i + c + r + k) % 256));
+        }
+      }
+    }
+  }
+}
+
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const cifar::DataError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+} // namespace
+
+TEST(CifarReader, ReadsCifar10BinaryBatches) {
+  TempDir dir;
+  for (int b = 1; b <= 5; ++b) {
+    write_cifar(dir.path / ("data_batch_" + std::to_string(b) + ".bin"), 4, 1, 10);
+  }
+  write_cifar(dir.path / "test_batch.bin", 3, 1, 10);
+  auto data = cifar::load_cifar10(dir.path);
+  EXPECT_EQ(data.name, "cifar10");
+  EXPECT_EQ(data.train.images.sizes(), torch::IntArrayRef({20, 3, 32, 32}));
+  EXPECT_EQ(data.test.images.sizes(), torch::IntArrayRef({3, 3, 32, 32}));
+  EXPECT_EQ(data.train.labels[2].item<int64_t>(), 14 % 10);
+  EXPECT_EQ(data.test.images[2][1][3][4].item<int>(), (2 + 1 + 3 + 4) % 256);
+  EXPECT_EQ(data.mean.sizes(), torch::IntArrayRef({3}));
+  // --dataset auto picks CIFAR-10 when the folder holds it.
+  EXPECT_EQ(cifar::load_dataset("auto", dir.path.string()).name, "cifar10");
+}
+
+TEST(CifarReader, ReadsCifar100FineLabels) {
+  TempDir dir;
+  write_cifar(dir.path / "train.bin", 6, 2, 100);
+  write_cifar(dir.path / "test.bin", 2, 2, 100);
+  auto data = cifar::load_cifar100(dir.path);
+  EXPECT_EQ(data.num_classes, 100);
+  EXPECT_EQ(data.train.labels[5].item<int64_t>(), 35);
+  EXPECT_EQ(data.train.images[5][0][0][0].item<int>(), 5);
+}
+
+TEST(CifarReader, TruncatedFileIsAClearError) {
+  TempDir dir;
+  for (int b = 1; b <= 5; ++b) {
+    write_cifar(dir.path / ("data_batch_" + std::to_string(b) + ".bin"), 2, 1, 10);
+  }
+  write_cifar(dir.path / "test_batch.bin", 2, 1, 10);
+  fs::resize_file(dir.path / "data_batch_3.bin", 3073 + 100);
+  const auto message = error_of([&] { cifar::load_cifar10(dir.path); });
+  EXPECT_NE(message.find("data_batch_3.bin"), std::string::npos) << message;
+  EXPECT_NE(message.find("truncated"), std::string::npos) << message;
+}
+
+TEST(CifarReader, CorruptLabelAndMissingFilesAreClearErrors) {
+  TempDir dir;
+  write_cifar(dir.path / "train.bin", 2, 1, 10); // 1-byte labels: wrong format
+  write_cifar(dir.path / "test.bin", 2, 2, 100);
+  EXPECT_NE(error_of([&] { cifar::load_cifar100(dir.path); }).find("train.bin"), std::string::npos);
+  EXPECT_NE(error_of([&] { cifar::load_cifar10(dir.path); }).find("no CIFAR-10"), std::string::npos);
+  EXPECT_NE(error_of([&] { cifar::load_dataset("auto", (dir.path / "nope").string()); })
+                .find("no such directory"),
+            std::string::npos);
+}
+
+TEST(FashionMnistReader, ReadsDebiansFiles) {
+  if (!fs::exists(cifar::kFashionMnistDir)) {
+    GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  }
+  auto data = cifar::load_fashion_mnist();
+  EXPECT_EQ(data.train.images.sizes(), torch::IntArrayRef({60000, 1, 28, 28}));
+  EXPECT_EQ(data.test.images.sizes(), torch::IntArrayRef({10000, 1, 28, 28}));
+  EXPECT_EQ(data.test.labels.sizes(), torch::IntArrayRef({10000}));
+  // Balanced classes: 1000 test images each.
+  auto counts = torch::bincount(data.test.labels);
+  EXPECT_TRUE(counts.eq(1000).all().item<bool>());
+  EXPECT_NEAR(data.mean.item<double>(), 0.286, 0.01);
+}
+
+TEST(FashionMnistReader, TruncatedGzipIsAClearError) {
+  if (!fs::exists(cifar::kFashionMnistDir)) {
+    GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  }
+  TempDir dir;
+  for (const char* f : {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"}) {
+    fs::copy_file(fs::path(cifar::kFashionMnistDir) / f, dir.path / f);
+  }
+  fs::resize_file(dir.path / "t10k-images-idx3-ubyte.gz", 100000);
+  const auto message = error_of([&] { cifar::load_fashion_mnist(dir.path); });
+  EXPECT_NE(message.find("t10k-images-idx3-ubyte.gz"), std::string::npos) << message;
+}

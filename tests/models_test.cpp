@@ -1,0 +1,154 @@
+// The model zoo: shapes, parameter counts, and RevNet gradients against the
+// same network run with plain autograd.
+
+#include "test_util.h"
+
+using torchrev::models::StageMode;
+
+namespace {
+
+// Parameter counts from the architecture, written independently of the
+// builders: conv k*k*in*out (no bias), BatchNorm 2*c, linear in*out + out.
+int64_t basic(int64_t in, int64_t out) {
+  return 2 * in + 9 * in * out + 2 * out + 9 * out * out;
+}
+int64_t bottleneck(int64_t in, int64_t out) {
+  const int64_t m = out / 4;
+  return 2 * in + in * m + 2 * m + 9 * m * m + 2 * m + m * out;
+}
+int64_t residual(bool b, int64_t in, int64_t out) {
+  return b ? bottleneck(in, out) : basic(in, out);
+}
+int64_t head(int64_t width, int64_t classes) {
+  return 2 * width + width * classes + classes;
+}
+
+int64_t resnet_params(std::vector<int64_t> units, std::vector<int64_t> ch, bool b,
+                      int64_t in_ch, int64_t classes) {
+  int64_t n = 9 * in_ch * ch[0];
+  int64_t width = ch[0];
+  for (size_t s = 0; s < units.size(); ++s) {
+    const int64_t out = ch[s + 1] * (b ? 4 : 1);
+    for (int64_t u = 0; u < units[s]; ++u) {
+      n += residual(b, width, out);
+      if (width != out || (s > 0 && u == 0)) {
+        n += width * out; // projection shortcut
+      }
+      width = out;
+    }
+  }
+  return n + head(width, classes);
+}
+
+int64_t revnet_params(std::vector<int64_t> units, std::vector<int64_t> ch, bool b,
+                      int64_t in_ch, int64_t classes) {
+  int64_t n = 9 * in_ch * ch[0];
+  int64_t width = ch[0];
+  for (size_t s = 0; s < units.size(); ++s) {
+    const int64_t out = ch[s + 1] * (b ? 4 : 1);
+    int64_t reversible = units[s];
+    if (width != out || s > 0) {
+      n += residual(b, width / 2, out / 2) + residual(b, out / 2, out / 2) +
+          2 * (width / 2) * (out / 2);
+      --reversible;
+    }
+    n += reversible * 2 * residual(b, out / 2, out / 2);
+    width = out;
+  }
+  return n + head(width, classes);
+}
+
+struct ZooEntry {
+  std::string name;
+  int64_t expected;
+  double paper; // the RevNet paper's count in millions, 0 when not checked
+};
+
+std::vector<ZooEntry> zoo(int64_t in_ch, int64_t classes) {
+  return {
+      {"resnet32", resnet_params({5, 5, 5}, {16, 16, 32, 64}, false, in_ch, classes), 0.46},
+      {"resnet110", resnet_params({18, 18, 18}, {16, 16, 32, 64}, false, in_ch, classes), 1.73},
+      {"resnet164", resnet_params({18, 18, 18}, {16, 16, 32, 64}, true, in_ch, classes), 1.70},
+      {"revnet38", revnet_params({3, 3, 3}, {32, 32, 64, 112}, false, in_ch, classes), 0.0},
+      {"revnet110", revnet_params({9, 9, 9}, {32, 32, 64, 128}, false, in_ch, classes), 1.73},
+      {"revnet164", revnet_params({9, 9, 9}, {32, 32, 64, 128}, true, in_ch, classes), 1.75},
+      {"revnet_mini", revnet_params({2, 2, 2}, {16, 16, 32, 64}, false, in_ch, classes), 0.0},
+  };
+}
+
+} // namespace
+
+TEST(ModelZoo, EveryModelHasTheExpectedOutputShapeAndParameterCount) {
+  for (const auto& entry : zoo(3, 10)) {
+    SCOPED_TRACE(entry.name);
+    auto model = torchrev::models::create(entry.name);
+    EXPECT_EQ(torchrev::models::parameter_count(*model), entry.expected);
+    if (entry.paper > 0) {
+      EXPECT_NEAR(entry.expected / 1e6, entry.paper, 0.02 * entry.paper);
+    }
+    torch::NoGradGuard no_grad;
+    model->eval();
+    EXPECT_EQ(model->forward(torch::randn({2, 3, 32, 32})).sizes(),
+              torch::IntArrayRef({2, 10}));
+  }
+}
+
+TEST(ModelZoo, InputChannelsAndClassesAreOptions) {
+  for (const auto& entry : zoo(1, 7)) {
+    SCOPED_TRACE(entry.name);
+    auto model = torchrev::models::create(
+        entry.name, torchrev::models::ZooOptions().in_channels(1).num_classes(7));
+    EXPECT_EQ(torchrev::models::parameter_count(*model), entry.expected);
+    torch::NoGradGuard no_grad;
+    model->eval();
+    EXPECT_EQ(model->forward(torch::randn({2, 1, 28, 28})).sizes(),
+              torch::IntArrayRef({2, 7}));
+  }
+}
+
+TEST(ModelZoo, UnknownNameListsTheValidOnes) {
+  try {
+    torchrev::models::create("revnet39");
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    const std::string message = e.what_without_backtrace();
+    EXPECT_NE(message.find("unknown model 'revnet39'"), std::string::npos) << message;
+    EXPECT_NE(message.find("revnet164"), std::string::npos) << message;
+  }
+}
+
+TEST(ModelZoo, RevNetGradientsEqualTheSameNetworkWithPlainAutograd) {
+  for (const std::string name : {"revnet38", "revnet110", "revnet164"}) {
+    SCOPED_TRACE(name);
+    torch::manual_seed(60);
+    auto rev = std::dynamic_pointer_cast<torchrev::models::RevNetImpl>(
+        torchrev::models::create(name));
+    ASSERT_NE(rev, nullptr);
+    rev->to(torch::kFloat64);
+    auto input = torch::randn({2, 3, 16, 16}, torch::kFloat64);
+    auto labels = torch::tensor({3, 7});
+    std::vector<std::vector<torch::Tensor>> grads;
+    std::vector<torch::Tensor> input_grads;
+    for (auto mode : {StageMode::kReversible, StageMode::kStored, StageMode::kCheckpointed}) {
+      auto net = std::dynamic_pointer_cast<torchrev::models::RevNetImpl>(rev->clone());
+      net->options.mode(mode);
+      net->options.checkpoint_transitions(mode == StageMode::kCheckpointed);
+      auto x = input.clone().requires_grad_(true);
+      torch::nn::functional::cross_entropy(net->forward(x), labels).backward();
+      std::vector<torch::Tensor> g;
+      for (const auto& p : net->parameters()) {
+        g.push_back(p.grad());
+      }
+      grads.push_back(g);
+      input_grads.push_back(x.grad());
+    }
+    for (size_t m : {0u, 2u}) {
+      SCOPED_TRACE(m == 0 ? "reversible" : "checkpointed");
+      EXPECT_CLOSE(input_grads[m], input_grads[1], 1e-9);
+      ASSERT_EQ(grads[m].size(), grads[1].size());
+      for (size_t i = 0; i < grads[1].size(); ++i) {
+        EXPECT_CLOSE(grads[m][i], grads[1][i], 1e-9);
+      }
+    }
+  }
+}
