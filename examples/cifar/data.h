@@ -167,10 +167,26 @@ inline Split idx_split(const fs::path& images_path, const fs::path& labels_path)
   return split;
 }
 
+/// Per-channel mean and standard deviation over the training images, in
+/// chunks so that no float copy of the whole set is ever allocated.
 inline void set_statistics(Dataset& dataset) {
-  auto x = dataset.train.images.to(torch::kFloat64).div_(255.0);
-  dataset.mean = x.mean({0, 2, 3}).to(torch::kFloat32);
-  dataset.std = x.std({0, 2, 3}).to(torch::kFloat32);
+  const auto& images = dataset.train.images;
+  const int64_t c = images.size(1);
+  auto sum = torch::zeros({c}, torch::kFloat64);
+  auto sum_sq = torch::zeros({c}, torch::kFloat64);
+  constexpr int64_t kChunk = 2000;
+  for (int64_t begin = 0; begin < images.size(0); begin += kChunk) {
+    auto x = images.narrow(0, begin, std::min(kChunk, images.size(0) - begin))
+                 .to(torch::kFloat64)
+                 .div_(255.0);
+    sum += x.sum({0, 2, 3});
+    sum_sq += x.pow(2).sum({0, 2, 3});
+  }
+  const double count = double(images.numel() / c);
+  auto mean = sum / count;
+  auto var = (sum_sq / count - mean * mean) * (count / (count - 1.0));
+  dataset.mean = mean.to(torch::kFloat32);
+  dataset.std = var.clamp_min(1e-12).sqrt().to(torch::kFloat32);
 }
 
 } // namespace detail

@@ -71,6 +71,9 @@ int main(int argc, char** argv) {
   app.add_option("--stop-after", config.stop_after, "stop after this step as if interrupted (0: never)")
       ->capture_default_str();
   app.add_option("--augment", config.augment, "auto (CIFAR only), on or off")->capture_default_str();
+  app.add_option("--channels-last", config.channels_last,
+                 "channels-last (NHWC) tensors, much faster convolutions on CPU")
+      ->capture_default_str();
   app.add_flag("--quiet", config.quiet, "no progress output");
   app.add_option("--world-size", dist.world_size, "number of processes (env WORLD_SIZE)")->capture_default_str();
   app.add_option("--rank", dist.rank, "this process's rank (env RANK)")->capture_default_str();

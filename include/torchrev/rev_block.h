@@ -135,10 +135,14 @@ class RevBlockBase : public virtual torch::nn::Module {
     return dim < 0 ? dim + x.dim() : dim;
   }
 
-  /// Splits `x` into the views (x1, x2).
+  /// Splits `x` into the halves (x1, x2). Each half is dense in `x`'s memory
+  /// format: a half of a channels-last tensor along the channels is copied
+  /// (convolutions on strided views fall back to slow paths), while a half of
+  /// a contiguous NCHW tensor is returned as a view.
   std::pair<torch::Tensor, torch::Tensor> split(const torch::Tensor& x) const {
+    const auto format = x.suggest_memory_format();
     auto halves = x.chunk(2, split_dim(x));
-    return {std::move(halves[0]), std::move(halves[1])};
+    return {halves[0].contiguous(format), halves[1].contiguous(format)};
   }
 
   /// Joins (a, b) along the split dimension.

@@ -109,26 +109,26 @@ struct RevStageFunction : public torch::autograd::Function<RevStageFunction> {
     }
 
     // Grad mode is off here (Function::apply turns it off), so no block keeps
-    // anything: `y` is the only activation alive between blocks.
-    torch::Tensor y = x;
+    // anything: the two halves of the current activation are all that is
+    // alive between blocks.
+    Halves h;
     for (size_t i = 0; i < num_blocks; ++i) {
       RevBlockBase& block = *state->blocks[i];
       const std::string& where = state->names[i];
-      block.check_splittable(y, where);
-      auto [x1, x2] = block.split(y);
-      // The halves are written straight into the block's output.
-      auto out = torch::empty_like(y);
-      auto [y1, y2] = block.split(out);
+      h = i == 0 ? split_checked(block, x, where)
+                 : resplit(block, std::move(h), where);
       if (state->preserve_rng_state) {
-        state->rng_before_f.push_back(detail::RngState::capture(y.device()));
+        state->rng_before_f.push_back(detail::RngState::capture(x.device()));
       }
-      torch::add_out(y1, x1, block.checked_f(x2, where));
+      auto y1 = h.first + block.checked_f(h.second, where);
       if (state->preserve_rng_state) {
-        state->rng_before_g.push_back(detail::RngState::capture(y.device()));
+        state->rng_before_g.push_back(detail::RngState::capture(x.device()));
       }
-      torch::add_out(y2, x2, block.checked_g(y1, where));
-      y = std::move(out);
+      auto y2 = h.second + block.checked_g(y1, where);
+      h = Halves{std::move(y1), std::move(y2), h.dim};
     }
+    torch::Tensor y = torch::cat({h.first, h.second}, h.dim);
+    h = Halves();
 
     // Saving the output (not an input) is what makes memory independent of
     // depth. The saved-variable machinery also turns a second backward
@@ -162,12 +162,18 @@ struct RevStageFunction : public torch::autograd::Function<RevStageFunction> {
     torch::autograd::variable_list grads(2 + total_params);
     size_t param_end = 2 + total_params;
 
-    torch::Tensor y = saved[0].detach();
-    torch::Tensor dy = grad_outputs[0].detach();
     detail::AutocastStateGuard autocast(state->autocast);
+    // The output of the current block and its gradient, as halves.
+    RevBlockBase& last = *state->blocks[num_blocks - 1];
+    Halves y = split_checked(last, saved[0].detach(), state->names.back());
+    Halves dy = split_checked(last, grad_outputs[0].detach(), state->names.back());
     for (size_t i = num_blocks; i-- > 0;) {
       RevBlockBase& block = *state->blocks[i];
       const std::string& where = state->names[i];
+      if (i + 1 < num_blocks) {
+        y = resplit(block, std::move(y), where);
+        dy = resplit(block, std::move(dy), where);
+      }
       const size_t num_params = state->params_per_block[i];
       const size_t param_begin = param_end - num_params;
       // The Function's inputs for this block, in the same order as in forward.
@@ -188,59 +194,43 @@ struct RevStageFunction : public torch::autograd::Function<RevStageFunction> {
           params.size(),
           ")");
 
-      auto [y1, y2] = block.split(y);
-      auto [dy1, dy2] = block.split(dy);
-      // The reconstructed input and its gradient are written straight into
-      // the tensors that become the previous block's output and gradient.
-      auto x = torch::empty_like(y);
-      auto dx = torch::empty_like(dy);
-      auto [x1, x2] = block.split(x);
-      auto [dx1, dx2] = block.split(dx);
+      Halves x{torch::Tensor(), torch::Tensor(), y.dim};
+      Halves dx{torch::Tensor(), torch::Tensor(), y.dim};
       {
         torch::AutoGradMode enable_grad(true);
         detail::RecomputeGuard recompute(block);
 
         // G: reconstruct x2 and back-propagate dy2 through G.
-        auto y1_leaf = y1.detach().requires_grad_(true);
+        auto y1_leaf = y.first.detach().requires_grad_(true);
         torch::Tensor g_out;
         {
           detail::ForkedRngGuard rng(
               state->preserve_rng_state ? state->rng_before_g[i]
                                         : detail::RngState(),
-              y.device());
+              y1_leaf.device());
           g_out = block.checked_g(y1_leaf, where);
         }
-        torch::sub_out(x2, y2, g_out.detach());
-        auto g_grads = differentiate(g_out, y1_leaf, params, dy2);
-        if (g_grads[0].defined()) {
-          torch::add_out(dx1, dy1, g_grads[0]);
-        } else {
-          dx1.copy_(dy1);
-        }
-        accumulate(grads, param_begin, g_grads);
+        x.second = y.second - g_out.detach();
+        auto g_grads = differentiate(g_out, y1_leaf, params, dy.second);
         g_out = torch::Tensor();
+        dx.first = g_grads[0].defined() ? dy.first + g_grads[0] : dy.first;
+        accumulate(grads, param_begin, g_grads);
+        g_grads.clear();
 
         // F: reconstruct x1 and back-propagate dy1 (now including G's part)
         // through F.
-        auto x2_leaf = x2.detach().requires_grad_(true);
+        auto x2_leaf = x.second.detach().requires_grad_(true);
         torch::Tensor f_out;
         {
           detail::ForkedRngGuard rng(
               state->preserve_rng_state ? state->rng_before_f[i]
                                         : detail::RngState(),
-              y.device());
+              x2_leaf.device());
           f_out = block.checked_f(x2_leaf, where);
         }
-        auto f_value = f_out.detach();
-        auto f_grads = differentiate(f_out, x2_leaf, params, dx1);
-        // Only now write x1: it shares its storage with x2, which F's graph
-        // saved, and autograd rejects a saved tensor modified in place.
-        torch::sub_out(x1, y1, f_value);
-        if (f_grads[0].defined()) {
-          torch::add_out(dx2, dy2, f_grads[0]);
-        } else {
-          dx2.copy_(dy2);
-        }
+        x.first = y.first - f_out.detach();
+        auto f_grads = differentiate(f_out, x2_leaf, params, dx.first);
+        dx.second = f_grads[0].defined() ? dy.second + f_grads[0] : dy.second;
         accumulate(grads, param_begin, f_grads);
       }
       // The block's input and its gradient become the previous block's
@@ -249,11 +239,42 @@ struct RevStageFunction : public torch::autograd::Function<RevStageFunction> {
       dy = std::move(dx);
       param_end = param_begin;
     }
-    grads[1] = dy;
+    y = Halves();
+    torch::Tensor dy_merged = torch::cat({dy.first, dy.second}, dy.dim);
+    grads[1] = std::move(dy_merged);
     return grads;
   }
 
  private:
+  /// The two halves of an activation (or of its gradient), split along `dim`.
+  /// Between blocks the halves stay separate, dense tensors: joining and
+  /// re-splitting them at every block would copy the activation twice.
+  struct Halves {
+    torch::Tensor first, second;
+    int64_t dim = 1;
+  };
+
+  static Halves split_checked(
+      const RevBlockBase& block,
+      const torch::Tensor& t,
+      const std::string& where) {
+    block.check_splittable(t, where);
+    auto [a, b] = block.split(t);
+    return Halves{std::move(a), std::move(b), block.split_dim(t)};
+  }
+
+  /// `h` split the way `block` splits: unchanged when the previous block
+  /// used the same dimension, else joined and split again.
+  static Halves resplit(
+      const RevBlockBase& block,
+      Halves h,
+      const std::string& where) {
+    if (block.split_dim(h.first) == h.dim) {
+      return h;
+    }
+    return split_checked(block, torch::cat({h.first, h.second}, h.dim), where);
+  }
+
   /// Gradients of `out` (weighted by `grad_out`) with respect to `input` and
   /// `params`, without touching any `.grad`. Entry 0 is the input's gradient,
   /// entry 1 + k the k-th parameter's (undefined when unused).

@@ -93,6 +93,23 @@ inline std::shared_ptr<ImageClassifier> create(
       valid);
 }
 
+/// Converts every 4-d parameter and buffer of `module` to the channels-last
+/// memory format. With channels-last inputs, convolutions on the CPU (oneDNN)
+/// run several times faster than in the default layout, forward and backward.
+inline void use_channels_last(torch::nn::Module& module) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : module.parameters()) {
+    if (p.dim() == 4) {
+      p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
+    }
+  }
+  for (auto& b : module.buffers()) {
+    if (b.dim() == 4) {
+      b.set_data(b.contiguous(torch::MemoryFormat::ChannelsLast));
+    }
+  }
+}
+
 /// The number of parameters (elements) of a module.
 inline int64_t parameter_count(const torch::nn::Module& module) {
   int64_t count = 0;
