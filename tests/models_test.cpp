@@ -72,7 +72,7 @@ std::vector<ZooEntry> zoo(int64_t in_ch, int64_t classes) {
       {"revnet38", revnet_params({3, 3, 3}, {32, 32, 64, 112}, false, in_ch, classes), 0.0},
       {"revnet110", revnet_params({9, 9, 9}, {32, 32, 64, 128}, false, in_ch, classes), 1.73},
       {"revnet164", revnet_params({9, 9, 9}, {32, 32, 64, 128}, true, in_ch, classes), 1.75},
-      {"revnet_mini", revnet_params({2, 2, 2}, {16, 16, 32, 64}, false, in_ch, classes), 0.0},
+      {"revnet_mini", revnet_params({1, 2, 2}, {16, 16, 32, 64}, false, in_ch, classes), 0.0},
   };
 }
 

@@ -10,7 +10,7 @@
 // | revnet38   | basic      | 3-3-3    | 32-32-64-112  |
 // | revnet110  | basic      | 9-9-9    | 32-32-64-128  |
 // | revnet164  | bottleneck | 9-9-9    | 32-32-64-128  |
-// | revnet_mini| basic      | 2-2-2    | 16-16-32-64   |
+// | revnet_mini| basic      | 1-2-2    | 16-16-32-64   |
 //
 // revnet_mini is a width- and depth-reduced RevNet for quick runs (the
 // training example's default on Fashion-MNIST).
@@ -80,7 +80,7 @@ inline std::shared_ptr<ImageClassifier> create(
   if (name == "revnet38") return revnet({3, 3, 3}, {32, 32, 64, 112}, false);
   if (name == "revnet110") return revnet({9, 9, 9}, {32, 32, 64, 128}, false);
   if (name == "revnet164") return revnet({9, 9, 9}, {32, 32, 64, 128}, true);
-  if (name == "revnet_mini") return revnet({2, 2, 2}, {16, 16, 32, 64}, false);
+  if (name == "revnet_mini") return revnet({1, 2, 2}, {16, 16, 32, 64}, false);
   std::string valid;
   for (const auto& n : model_names()) {
     valid += (valid.empty() ? "" : ", ") + n;

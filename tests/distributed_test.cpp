@@ -1,0 +1,162 @@
+// Data-parallel training on c10d (Gloo over 127.0.0.1): real processes.
+//
+// The tests start cifar_train twice, or this test binary itself in its
+// "--dp-worker" mode (see main.cpp), and compare what the ranks print.
+
+#include "distributed_worker.h"
+#include "test_util.h"
+
+#include <fmt/core.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <future>
+#include <regex>
+
+namespace {
+
+/// A port that was free a moment ago on 127.0.0.1.
+int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  socklen_t len = sizeof(addr);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+struct Outcome {
+  int exit_code = -1;
+  std::string output; // stdout and stderr
+  double seconds = 0;
+};
+
+/// Runs a shell command, capturing its output and exit code.
+Outcome run(const std::string& command) {
+  Outcome outcome;
+  const auto start = std::chrono::steady_clock::now();
+  FILE* pipe = ::popen((command + " 2>&1").c_str(), "r");
+  if (pipe == nullptr) {
+    return outcome;
+  }
+  char buffer[4096];
+  while (std::fgets(buffer, sizeof(buffer), pipe) != nullptr) {
+    outcome.output += buffer;
+  }
+  const int status = ::pclose(pipe);
+  outcome.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  outcome.seconds = std::chrono::duration<double>(
+      std::chrono::steady_clock::now() - start).count();
+  return outcome;
+}
+
+/// Runs the commands concurrently.
+std::vector<Outcome> run_all(const std::vector<std::string>& commands) {
+  std::vector<std::future<Outcome>> running;
+  for (const auto& c : commands) {
+    running.push_back(std::async(std::launch::async, run, c));
+  }
+  std::vector<Outcome> outcomes;
+  for (auto& r : running) {
+    outcomes.push_back(r.get());
+  }
+  return outcomes;
+}
+
+std::string value_of(const std::string& output, const std::string& key) {
+  std::smatch match;
+  if (std::regex_search(output, match, std::regex(key + "=([^\\n]+)"))) {
+    return match[1];
+  }
+  return "";
+}
+
+std::string cifar_train(const std::string& args) {
+  return std::string(TORCHREV_CIFAR_TRAIN) + " --quiet --dataset fashion-mnist " + args;
+}
+
+bool have_fashion_mnist() {
+  return std::filesystem::exists("/usr/share/datasets/fashion-mnist") &&
+      !std::string(TORCHREV_CIFAR_TRAIN).empty();
+}
+
+} // namespace
+
+TEST(Distributed, TwoRanksOfCifarTrainEndWithIdenticalParameters) {
+  if (!have_fashion_mnist()) {
+    GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  }
+  const std::string common = fmt::format(
+      "--max-steps 6 --batch-size 32 --threads 1 --world-size 2 "
+      "--master-port {} --dist-timeout 60",
+      free_port());
+  auto ranks = run_all({cifar_train(common + " --rank 0"), cifar_train(common + " --rank 1")});
+  for (int r = 0; r < 2; ++r) {
+    ASSERT_EQ(ranks[r].exit_code, 0) << "rank " << r << ":\n" << ranks[r].output;
+  }
+  const auto sum0 = value_of(ranks[0].output, "param_checksum");
+  ASSERT_FALSE(sum0.empty()) << ranks[0].output;
+  EXPECT_EQ(sum0, value_of(ranks[1].output, "param_checksum"));
+  // Only rank 0 reports the test accuracy.
+  EXPECT_FALSE(value_of(ranks[0].output, "test_accuracy").empty());
+  EXPECT_TRUE(value_of(ranks[1].output, "test_accuracy").empty());
+}
+
+TEST(Distributed, TwoRanksWithBatchBMatchOneProcessWithBatch2B) {
+  const int port = free_port();
+  const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
+  auto command = [&](int rank) {
+    return fmt::format("{} --dp-worker {} 2 {}", self, rank, port);
+  };
+  auto ranks = run_all({command(0), command(1)});
+  for (int r = 0; r < 2; ++r) {
+    ASSERT_EQ(ranks[r].exit_code, 0) << "rank " << r << ":\n" << ranks[r].output;
+  }
+  const double rank0 = std::stod(value_of(ranks[0].output, "param_checksum"));
+  const double rank1 = std::stod(value_of(ranks[1].output, "param_checksum"));
+  const double single = torchrev::testing::dp_worker_checksum(/*rank=*/0, /*world=*/1, 0);
+  EXPECT_EQ(rank0, rank1);
+  EXPECT_NEAR(rank0, single, 1e-5 * std::abs(single));
+}
+
+TEST(Distributed, ARankThatExitsEarlyMakesItsPeerFailWithAClearError) {
+  if (!have_fashion_mnist()) {
+    GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  }
+  const std::string common = fmt::format(
+      "--max-steps 40 --batch-size 32 --threads 1 --world-size 2 "
+      "--master-port {} --dist-timeout 10",
+      free_port());
+  auto ranks = run_all({cifar_train(common + " --rank 0"),
+                        cifar_train(common + " --rank 1 --stop-after 2")});
+  EXPECT_EQ(ranks[1].exit_code, 0) << ranks[1].output;
+  EXPECT_NE(ranks[0].exit_code, 0) << ranks[0].output;
+  EXPECT_NE(ranks[0].output.find("cifar_train: error: rank 0"), std::string::npos)
+      << ranks[0].output;
+  EXPECT_LT(ranks[0].seconds, 60.0);
+}
+
+TEST(Distributed, APeerThatNeverJoinsTimesOut) {
+  if (!have_fashion_mnist()) {
+    GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  }
+  auto alone = run(cifar_train(fmt::format(
+      "--max-steps 2 --world-size 2 --rank 0 --master-port {} --dist-timeout 3",
+      free_port())));
+  EXPECT_NE(alone.exit_code, 0);
+  EXPECT_NE(alone.output.find("timed out after 3 s waiting for 2 ranks"), std::string::npos)
+      << alone.output;
+  EXPECT_LT(alone.seconds, 30.0);
+  // No partial output: one error line, no stack trace.
+  EXPECT_EQ(alone.output.find("Exception raised from"), std::string::npos) << alone.output;
+}

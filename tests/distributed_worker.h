@@ -1,0 +1,62 @@
+#pragma once
+
+// The worker of Distributed.TwoRanksWithBatchBMatchOneProcessWithBatch2B: a
+// network without BatchNorm (a reversible MLP stage and a linear head)
+// trained for a few SGD steps on its share of a fixed batch, under
+// cifar::DataParallel when world > 1.
+
+#include "../examples/cifar/distributed.h"
+#include "test_util.h"
+
+namespace torchrev {
+namespace testing {
+
+inline double dp_worker_checksum(int rank, int world, int port) {
+  constexpr int64_t kBatch = 16; // per rank when world == 2
+  constexpr int kSteps = 4;
+  torch::manual_seed(123);
+  auto stage = mlp_stage(3, 8);
+  torch::nn::Linear head(16, 5);
+  torch::nn::Sequential model(stage, head);
+  auto x = torch::randn({2 * kBatch, 16});
+  auto y = torch::randint(5, {2 * kBatch});
+  const int64_t per_rank = 2 * kBatch / world;
+  auto xs = x.narrow(0, rank * per_rank, per_rank);
+  auto ys = y.narrow(0, rank * per_rank, per_rank);
+
+  std::unique_ptr<cifar::DataParallel> parallel;
+  if (world > 1) {
+    cifar::DistributedOptions options;
+    options.world_size = world;
+    options.rank = rank;
+    options.master_port = port;
+    options.timeout = std::chrono::milliseconds(30000);
+    parallel = std::make_unique<cifar::DataParallel>(options, *model, torch::kCPU);
+  }
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  for (int s = 0; s < kSteps; ++s) {
+    optimizer.zero_grad();
+    auto loss = torch::nn::functional::cross_entropy(model->forward(xs), ys);
+    if (parallel) {
+      parallel->prepare_backward();
+    }
+    loss.backward();
+    if (parallel) {
+      parallel->finish_backward();
+    }
+    optimizer.step();
+  }
+  double sum = 0;
+  int64_t k = 0;
+  for (const auto& p : model->parameters()) {
+    sum += (p.detach().to(torch::kFloat64).flatten() *
+            torch::arange(p.numel(), torch::kFloat64).remainder_(13).add_(1 + k))
+               .sum()
+               .item<double>();
+    ++k;
+  }
+  return sum;
+}
+
+} // namespace testing
+} // namespace torchrev
