@@ -4,82 +4,17 @@
 // "--dp-worker" mode (see main.cpp), and compare what the ranks print.
 
 #include "distributed_worker.h"
+#include "process_util.h"
 #include "test_util.h"
 
 #include <fmt/core.h>
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
-#include <chrono>
-#include <cstdio>
 #include <filesystem>
-#include <future>
-#include <regex>
 
 namespace {
 
-/// A port that was free a moment ago on 127.0.0.1.
-int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
-
-struct Outcome {
-  int exit_code = -1;
-  std::string output; // stdout and stderr
-  double seconds = 0;
-};
-
-/// Runs a shell command, capturing its output and exit code.
-Outcome run(const std::string& command) {
-  Outcome outcome;
-  const auto start = std::chrono::steady_clock::now();
-  FILE* pipe = ::popen((command + " 2>&1").c_str(), "r");
-  if (pipe == nullptr) {
-    return outcome;
-  }
-  char buffer[4096];
-  while (std::fgets(buffer, sizeof(buffer), pipe) != nullptr) {
-    outcome.output += buffer;
-  }
-  const int status = ::pclose(pipe);
-  outcome.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  outcome.seconds = std::chrono::duration<double>(
-      std::chrono::steady_clock::now() - start).count();
-  return outcome;
-}
-
-/// Runs the commands concurrently.
-std::vector<Outcome> run_all(const std::vector<std::string>& commands) {
-  std::vector<std::future<Outcome>> running;
-  for (const auto& c : commands) {
-    running.push_back(std::async(std::launch::async, run, c));
-  }
-  std::vector<Outcome> outcomes;
-  for (auto& r : running) {
-    outcomes.push_back(r.get());
-  }
-  return outcomes;
-}
-
-std::string value_of(const std::string& output, const std::string& key) {
-  std::smatch match;
-  if (std::regex_search(output, match, std::regex(key + "=([^\\n]+)"))) {
-    return match[1];
-  }
-  return "";
-}
+using namespace torchrev::testing;
 
 std::string cifar_train(const std::string& args) {
   return std::string(TORCHREV_CIFAR_TRAIN) + " --quiet --dataset fashion-mnist " + args;

@@ -213,13 +213,37 @@ TEST(RevSequential, PlainForwardUnderNoGradSavesNothing) {
   EXPECT_EQ(meter.current_bytes() - before, static_cast<size_t>(y.nbytes()));
 }
 
-TEST(RevSequential, WithoutAnythingRequiringGradNoFunctionIsRecorded) {
-  auto stage = mlp_stage(2, 2);
+TEST(RevSequential, WithoutAnythingRequiringGradNothingIsSaved) {
+  auto stage = conv_stage(8, 4);
   for (auto& p : stage->parameters()) {
     p.requires_grad_(false);
   }
-  auto y = stage(torch::randn({2, 4}));
-  EXPECT_FALSE(y.grad_fn());
+  auto x = torch::randn({4, 8, 16, 16});
+  auto& meter = torchrev::CPUMemoryMeter::instance();
+  stage(x); // warm-up
+  const size_t before = meter.current_bytes();
+  auto y = stage(x); // grad mode is on, but nothing requires grad
+  EXPECT_FALSE(y.requires_grad());
+  EXPECT_EQ(meter.current_bytes() - before, static_cast<size_t>(y.nbytes()));
+}
+
+TEST(RevSequential, AModuleSharedByFAndGGetsItsGradientOnce) {
+  torch::manual_seed(25);
+  torch::nn::Linear shared(3, 3);
+  auto make = [&] {
+    torch::nn::Sequential f(shared, torch::nn::Tanh());
+    torch::nn::Sequential g(shared, torch::nn::Sigmoid());
+    return SeqBlock(f, g);
+  };
+  torchrev::RevSequential stage(make(), make());
+  stage->to(torch::kFloat64);
+  auto x = torch::randn({4, 6}, torch::kFloat64);
+  stage(x).pow(2).sum().backward();
+  auto rev_grad = shared->weight.grad().clone();
+  shared->weight.mutable_grad() = torch::Tensor();
+  shared->bias.mutable_grad() = torch::Tensor();
+  plain_forward(stage, x).pow(2).sum().backward();
+  EXPECT_CLOSE(rev_grad, shared->weight.grad(), 1e-9);
 }
 
 TEST(RevSequential, OddSizeAlongTheSplitDimensionIsAnErrorNamingTheBlock) {

@@ -359,6 +359,23 @@ class Trainer {
         config_.eval_every < 0 || config_.lr <= 0.0) {
       fail("--batch-size and --lr must be positive; --epochs, --max-steps and --eval-every non-negative");
     }
+    if ((config_.dataset == "cifar10" || config_.dataset == "cifar100") &&
+        config_.data_dir.empty()) {
+      fail("--dataset " + config_.dataset + " needs --data-dir (the folder "
+           "with the binary files; nothing is downloaded)");
+    }
+    for (const auto& [flag, path] :
+         {std::pair<std::string, std::string>{"--metrics", config_.metrics},
+          {"--checkpoint", config_.checkpoint}}) {
+      if (path.empty()) {
+        continue;
+      }
+      auto dir = std::filesystem::absolute(path).parent_path();
+      if (!std::filesystem::is_directory(dir) ||
+          ::access(dir.c_str(), W_OK) != 0) {
+        fail(flag + " " + path + ": cannot write into " + dir.string());
+      }
+    }
     if (config_.resume && config_.checkpoint.empty()) {
       fail("--resume needs --checkpoint FILE");
     }

@@ -16,6 +16,7 @@
 #include <torchrev/detail/autocast_state.h>
 #include <torchrev/detail/rng_state.h>
 #include <torchrev/recompute.h>
+#include <torchrev/rev_block.h>
 
 #include <ATen/core/ivalue.h>
 #include <torch/autograd.h>
@@ -29,20 +30,21 @@
 #include <memory>
 #include <ostream>
 #include <type_traits>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
 namespace torchrev {
 namespace autograd {
 
-/// What a `CheckpointFunction` forward hands to its backward.
-/// The parameters of `modules` that require grad, in order.
+/// The parameters of `modules` that require grad, each once.
 inline std::vector<torch::Tensor> trainable_parameters(
     const std::vector<std::shared_ptr<torch::nn::Module>>& modules) {
   std::vector<torch::Tensor> params;
+  std::unordered_set<const void*> seen;
   for (const auto& module : modules) {
-    for (const auto& p : module->parameters()) {
-      if (p.requires_grad()) {
+    for (const auto& p : detail::trainable_parameters(*module)) {
+      if (seen.insert(p.unsafeGetTensorImpl()).second) {
         params.push_back(p);
       }
     }
@@ -50,6 +52,7 @@ inline std::vector<torch::Tensor> trainable_parameters(
   return params;
 }
 
+/// What a `CheckpointFunction` forward hands to its backward.
 struct CheckpointState : torch::CustomClassHolder {
   /// The modules whose parameters are inputs and whose norm layers must not
   /// update their statistics twice.
@@ -57,6 +60,8 @@ struct CheckpointState : torch::CustomClassHolder {
   /// The computation, `module`'s forward.
   std::function<torch::Tensor(const torch::Tensor&)> function;
   bool preserve_rng_state = true;
+  /// The number of parameters passed to forward.
+  size_t num_params = 0;
   detail::RngState rng;
   detail::AutocastState autocast;
 };
@@ -90,7 +95,16 @@ struct CheckpointFunction
     auto state = c10::static_intrusive_pointer_cast<CheckpointState>(
         ctx->saved_data["state"].toCapsule());
     auto params = trainable_parameters(state->modules);
-    auto x = saved[0].detach().requires_grad_(true);
+    TORCH_CHECK(
+        params.size() == state->num_params,
+        "torchrev::checkpoint: the number of parameters requiring grad changed "
+        "between forward and backward (",
+        state->num_params,
+        " then ",
+        params.size(),
+        ")");
+    const bool input_needs_grad = saved[0].requires_grad();
+    auto x = saved[0].detach().requires_grad_(input_needs_grad);
     torch::Tensor y;
     {
       torch::AutoGradMode enable_grad(true);
@@ -103,7 +117,10 @@ struct CheckpointFunction
     if (!y.requires_grad()) {
       return grads;
     }
-    torch::autograd::variable_list inputs{x};
+    torch::autograd::variable_list inputs;
+    if (input_needs_grad) {
+      inputs.push_back(x);
+    }
     inputs.insert(inputs.end(), params.begin(), params.end());
     auto computed = torch::autograd::grad(
         {y},
@@ -112,8 +129,13 @@ struct CheckpointFunction
         /*retain_graph=*/false,
         /*create_graph=*/false,
         /*allow_unused=*/true);
-    for (size_t i = 0; i < computed.size(); ++i) {
-      grads[1 + i] = computed[i];
+    // Slots: state (not a tensor), x, then the parameters.
+    const size_t first_param = input_needs_grad ? 1 : 0;
+    if (input_needs_grad) {
+      grads[1] = computed[0];
+    }
+    for (size_t k = 0; k < params.size(); ++k) {
+      grads[2 + k] = computed[first_param + k];
     }
     return grads;
   }
@@ -146,6 +168,7 @@ inline torch::Tensor checkpoint(
   state->modules = std::move(modules);
   state->function = std::move(function);
   state->preserve_rng_state = preserve_rng_state;
+  state->num_params = params.size();
   return autograd::CheckpointFunction::apply(
       state, x, torch::TensorList(params));
 }

@@ -11,9 +11,28 @@
 #include <memory>
 #include <ostream>
 #include <string>
+#include <unordered_set>
 #include <utility>
+#include <vector>
 
 namespace torchrev {
+namespace detail {
+
+/// The parameters of `module` that require grad, in `parameters()` order,
+/// each once (a submodule registered twice must not get its gradient twice).
+inline std::vector<torch::Tensor> trainable_parameters(
+    const torch::nn::Module& module) {
+  std::vector<torch::Tensor> params;
+  std::unordered_set<const void*> seen;
+  for (const auto& p : module.parameters()) {
+    if (p.requires_grad() && seen.insert(p.unsafeGetTensorImpl()).second) {
+      params.push_back(p);
+    }
+  }
+  return params;
+}
+
+} // namespace detail
 
 /// Options for a reversible block.
 ///
@@ -135,14 +154,10 @@ class RevBlockBase : public virtual torch::nn::Module {
     return dim < 0 ? dim + x.dim() : dim;
   }
 
-  /// Splits `x` into the halves (x1, x2). Each half is dense in `x`'s memory
-  /// format: a half of a channels-last tensor along the channels is copied
-  /// (convolutions on strided views fall back to slow paths), while a half of
-  /// a contiguous NCHW tensor is returned as a view.
+  /// Splits `x` into the halves (x1, x2), as views of `x`.
   std::pair<torch::Tensor, torch::Tensor> split(const torch::Tensor& x) const {
-    const auto format = x.suggest_memory_format();
     auto halves = x.chunk(2, split_dim(x));
-    return {halves[0].contiguous(format), halves[1].contiguous(format)};
+    return {std::move(halves[0]), std::move(halves[1])};
   }
 
   /// Joins (a, b) along the split dimension.

@@ -121,14 +121,9 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
     std::vector<size_t> params_per_block;
     params_per_block.reserve(blocks_.size());
     for (const auto& block : blocks_) {
-      size_t count = 0;
-      for (const auto& p : block->parameters()) {
-        if (p.requires_grad()) {
-          params.push_back(p);
-          ++count;
-        }
-      }
-      params_per_block.push_back(count);
+      auto block_params = detail::trainable_parameters(*block);
+      params.insert(params.end(), block_params.begin(), block_params.end());
+      params_per_block.push_back(block_params.size());
     }
 
     const bool train =

@@ -77,6 +77,9 @@ struct RevStageState : torch::CustomClassHolder {
   std::vector<detail::RngState> rng_before_g;
   /// The autocast state of the forward.
   detail::AutocastState autocast;
+  /// Whether each block was in training mode in forward (BatchNorm and
+  /// dropout behave differently; the recompute must match the forward).
+  std::vector<bool> training;
 };
 
 /// Runs a stage of reversible blocks without storing their activations. Use
@@ -115,6 +118,7 @@ struct RevStageFunction : public torch::autograd::Function<RevStageFunction> {
     for (size_t i = 0; i < num_blocks; ++i) {
       RevBlockBase& block = *state->blocks[i];
       const std::string& where = state->names[i];
+      state->training.push_back(block.is_training());
       h = i == 0 ? split_checked(block, x, where)
                  : resplit(block, std::move(h), where);
       if (state->preserve_rng_state) {
@@ -162,11 +166,12 @@ struct RevStageFunction : public torch::autograd::Function<RevStageFunction> {
     torch::autograd::variable_list grads(2 + total_params);
     size_t param_end = 2 + total_params;
 
-    detail::AutocastStateGuard autocast(state->autocast);
-    // The output of the current block and its gradient, as halves.
+    // The output of the current block and its gradient, as halves. The
+    // saved output and the incoming gradient stay alive until backward
+    // returns, so their halves are views: dense copies would only add memory.
     RevBlockBase& last = *state->blocks[num_blocks - 1];
-    Halves y = split_checked(last, saved[0].detach(), state->names.back());
-    Halves dy = split_checked(last, grad_outputs[0].detach(), state->names.back());
+    Halves y = split_views(last, saved[0].detach(), state->names.back());
+    Halves dy = split_views(last, grad_outputs[0].detach(), state->names.back());
     for (size_t i = num_blocks; i-- > 0;) {
       RevBlockBase& block = *state->blocks[i];
       const std::string& where = state->names[i];
@@ -174,16 +179,18 @@ struct RevStageFunction : public torch::autograd::Function<RevStageFunction> {
         y = resplit(block, std::move(y), where);
         dy = resplit(block, std::move(dy), where);
       }
+      TORCH_CHECK(
+          block.is_training() == state->training[i],
+          where,
+          ": the block was in ",
+          state->training[i] ? "training" : "eval",
+          " mode in forward but is in ",
+          block.is_training() ? "training" : "eval",
+          " mode in backward; call train()/eval() only between steps");
       const size_t num_params = state->params_per_block[i];
       const size_t param_begin = param_end - num_params;
       // The Function's inputs for this block, in the same order as in forward.
-      std::vector<torch::Tensor> params;
-      params.reserve(num_params);
-      for (const auto& p : block.parameters()) {
-        if (p.requires_grad()) {
-          params.push_back(p);
-        }
-      }
+      auto params = detail::trainable_parameters(block);
       TORCH_CHECK(
           params.size() == num_params,
           where,
@@ -204,6 +211,7 @@ struct RevStageFunction : public torch::autograd::Function<RevStageFunction> {
         auto y1_leaf = y.first.detach().requires_grad_(true);
         torch::Tensor g_out;
         {
+          detail::AutocastStateGuard autocast(state->autocast);
           detail::ForkedRngGuard rng(
               state->preserve_rng_state ? state->rng_before_g[i]
                                         : detail::RngState(),
@@ -211,9 +219,12 @@ struct RevStageFunction : public torch::autograd::Function<RevStageFunction> {
           g_out = block.checked_g(y1_leaf, where);
         }
         x.second = y.second - g_out.detach();
+        y.second = torch::Tensor(); // each tensor is released once it is used
         auto g_grads = differentiate(g_out, y1_leaf, params, dy.second);
         g_out = torch::Tensor();
+        y1_leaf = torch::Tensor();
         dx.first = g_grads[0].defined() ? dy.first + g_grads[0] : dy.first;
+        dy.first = torch::Tensor();
         accumulate(grads, param_begin, g_grads);
         g_grads.clear();
 
@@ -222,6 +233,7 @@ struct RevStageFunction : public torch::autograd::Function<RevStageFunction> {
         auto x2_leaf = x.second.detach().requires_grad_(true);
         torch::Tensor f_out;
         {
+          detail::AutocastStateGuard autocast(state->autocast);
           detail::ForkedRngGuard rng(
               state->preserve_rng_state ? state->rng_before_f[i]
                                         : detail::RngState(),
@@ -229,7 +241,9 @@ struct RevStageFunction : public torch::autograd::Function<RevStageFunction> {
           f_out = block.checked_f(x2_leaf, where);
         }
         x.first = y.first - f_out.detach();
+        y.first = torch::Tensor();
         auto f_grads = differentiate(f_out, x2_leaf, params, dx.first);
+        f_out = torch::Tensor();
         dx.second = f_grads[0].defined() ? dy.second + f_grads[0] : dy.second;
         accumulate(grads, param_begin, f_grads);
       }
@@ -254,13 +268,28 @@ struct RevStageFunction : public torch::autograd::Function<RevStageFunction> {
     int64_t dim = 1;
   };
 
+  static Halves split_views(
+      const RevBlockBase& block,
+      const torch::Tensor& t,
+      const std::string& where) {
+    block.check_splittable(t, where);
+    const int64_t dim = block.split_dim(t);
+    auto halves = t.chunk(2, dim);
+    return Halves{std::move(halves[0]), std::move(halves[1]), dim};
+  }
+
+  /// Halves that are dense in `t`'s memory format (a half along the
+  /// channels is a strided view, on which convolutions take slow paths).
+  /// Used where `t` is about to be dropped, so the copies are transient.
   static Halves split_checked(
       const RevBlockBase& block,
       const torch::Tensor& t,
       const std::string& where) {
     block.check_splittable(t, where);
+    const auto format = t.suggest_memory_format();
     auto [a, b] = block.split(t);
-    return Halves{std::move(a), std::move(b), block.split_dim(t)};
+    return Halves{
+        a.contiguous(format), b.contiguous(format), block.split_dim(t)};
   }
 
   /// `h` split the way `block` splits: unchanged when the previous block

@@ -46,15 +46,24 @@ struct AutocastState {
   }
 };
 
-/// RAII: runs a scope under a saved autocast state, then restores the
-/// thread's own.
+/// RAII: runs a recompute under a saved autocast state, then restores the
+/// thread's own. Like entering and leaving `torch.autocast`, it counts the
+/// nesting and clears autocast's cache of cast weights when the outermost
+/// autocast region ends, so no cast made here outlives an optimizer step.
 class AutocastStateGuard {
  public:
   explicit AutocastStateGuard(const AutocastState& state)
-      : previous_(AutocastState::current()) {
+      : previous_(AutocastState::current()),
+        active_(state.cpu_enabled || state.cuda_enabled) {
     state.apply();
+    if (active_) {
+      at::autocast::increment_nesting();
+    }
   }
   ~AutocastStateGuard() {
+    if (active_ && at::autocast::decrement_nesting() == 0) {
+      at::autocast::clear_cache();
+    }
     previous_.apply();
   }
   AutocastStateGuard(const AutocastStateGuard&) = delete;
@@ -62,6 +71,7 @@ class AutocastStateGuard {
 
  private:
   AutocastState previous_;
+  bool active_;
 };
 
 } // namespace detail
