@@ -71,8 +71,10 @@ long maxrss_kib() {
 }
 
 StageMode stage_mode(const std::string& mode) {
-  if (mode == "stored") return StageMode::kStored;
-  if (mode == "checkpointed") return StageMode::kCheckpointed;
+  if (mode == "stored")
+    return StageMode::kStored;
+  if (mode == "checkpointed")
+    return StageMode::kCheckpointed;
   return StageMode::kReversible;
 }
 
@@ -99,7 +101,8 @@ class Meter {
 #ifdef TORCHREV_CUDA
     if (device_.is_cuda()) {
       return c10::cuda::CUDACachingAllocator::getDeviceStats(device_.index())
-          .allocated_bytes[0].current;
+          .allocated_bytes[0]
+          .current;
     }
 #endif
     return torchrev::CPUMemoryMeter::instance().current_bytes();
@@ -117,7 +120,8 @@ class Meter {
 #ifdef TORCHREV_CUDA
     if (device_.is_cuda()) {
       return c10::cuda::CUDACachingAllocator::getDeviceStats(device_.index())
-          .allocated_bytes[0].peak;
+          .allocated_bytes[0]
+          .peak;
     }
 #endif
     return torchrev::CPUMemoryMeter::instance().peak_bytes();
@@ -157,12 +161,15 @@ struct Runner {
     torch::optim::SGD optimizer(
         model->parameters(),
         torch::optim::SGDOptions(0.01).momentum(0.9).weight_decay(2e-4));
-    auto images = torch::randn({c.batch, 3, 32, 32}).to(device).contiguous(
-        channels_last ? torch::MemoryFormat::ChannelsLast
-                      : torch::MemoryFormat::Contiguous);
+    auto images = torch::randn({c.batch, 3, 32, 32})
+                      .to(device)
+                      .contiguous(
+                          channels_last ? torch::MemoryFormat::ChannelsLast
+                                        : torch::MemoryFormat::Contiguous);
     auto labels = torch::randint(10, {c.batch}).to(device);
     auto step = [&] {
-      auto loss = torch::nn::functional::cross_entropy(model->forward(images), labels);
+      auto loss =
+          torch::nn::functional::cross_entropy(model->forward(images), labels);
       loss.backward();
       optimizer.step();
     };
@@ -178,7 +185,8 @@ struct Runner {
       step();
       meter.synchronize();
       const double seconds = std::chrono::duration<double>(
-          std::chrono::steady_clock::now() - start).count();
+                                 std::chrono::steady_clock::now() - start)
+                                 .count();
       sample.seconds.push_back(seconds);
       sample.peaks.push_back(double(meter.peak() - before));
     }
@@ -199,11 +207,13 @@ struct Runner {
       if (channels_last) {
         torchrev::models::use_channels_last(*model);
       }
-      auto images = torch::randn({batch, 3, 32, 32}).contiguous(
-          channels_last ? torch::MemoryFormat::ChannelsLast
-                        : torch::MemoryFormat::Contiguous);
+      auto images = torch::randn({batch, 3, 32, 32})
+                        .contiguous(
+                            channels_last ? torch::MemoryFormat::ChannelsLast
+                                          : torch::MemoryFormat::Contiguous);
       auto labels = torch::randint(10, {batch});
-      torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
+      torch::optim::SGD optimizer(
+          model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
       for (auto& p : model->parameters()) {
         p.mutable_grad() = torch::zeros_like(p);
       }
@@ -211,7 +221,8 @@ struct Runner {
       cpu.set_budget(cpu.current_bytes() + budget);
       bool ok = true;
       try {
-        torch::nn::functional::cross_entropy(model->forward(images), labels).backward();
+        torch::nn::functional::cross_entropy(model->forward(images), labels)
+            .backward();
         optimizer.step();
       } catch (const c10::OutOfMemoryError&) {
         ok = false;
@@ -261,13 +272,14 @@ nlohmann::json machine_info(int threads, const torch::Device& device) {
   const std::time_t now = std::time(nullptr);
   char date[32];
   std::strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
-  return {{"cpu", cpu},
-          {"logical_cores", sysconf(_SC_NPROCESSORS_ONLN)},
-          {"threads", threads},
-          {"device", device.str()},
-          {"libtorch", TORCH_VERSION},
-          {"torchrev", TORCHREV_VERSION_STRING},
-          {"date", date}};
+  return {
+      {"cpu", cpu},
+      {"logical_cores", sysconf(_SC_NPROCESSORS_ONLN)},
+      {"threads", threads},
+      {"device", device.str()},
+      {"libtorch", TORCH_VERSION},
+      {"torchrev", TORCHREV_VERSION_STRING},
+      {"date", date}};
 }
 
 } // namespace
@@ -275,7 +287,8 @@ nlohmann::json machine_info(int threads, const torch::Device& device) {
 int main(int argc, char** argv) {
   torchrev::CPUMemoryMeter::install();
 
-  std::string models = "resnet32,resnet110,resnet164,revnet38,revnet110,revnet164";
+  std::string models =
+      "resnet32,resnet110,resnet164,revnet38,revnet110,revnet164";
   std::string modes = "reversible,stored,checkpointed,hybrid";
   std::string sweep_units;
   std::string sweep_modes = "reversible,stored";
@@ -286,23 +299,42 @@ int main(int argc, char** argv) {
   bool channels_last = true;
 
   CLI::App app{"Peak activation memory and step time of torchrev's model zoo."};
-  app.add_option("--models", models, "comma-separated zoo models")->capture_default_str();
-  app.add_option("--modes", modes, "RevNet modes: reversible, stored, checkpointed, hybrid")
+  app.add_option("--models", models, "comma-separated zoo models")
+      ->capture_default_str();
+  app.add_option(
+         "--modes",
+         modes,
+         "RevNet modes: reversible, stored, checkpointed, hybrid")
       ->capture_default_str();
   app.add_option("--batch", batch, "images per step")->capture_default_str();
-  app.add_option("--steps", steps, "timed steps after one warm-up step (0: build the model and exit)")
+  app.add_option(
+         "--steps",
+         steps,
+         "timed steps after one warm-up step (0: build the model and exit)")
       ->capture_default_str();
-  app.add_option("--repeats", repeats, "interleaved repeats of every configuration")->capture_default_str();
-  app.add_option("--threads", threads, "intra-op threads (0: LibTorch's default)")->capture_default_str();
+  app.add_option(
+         "--repeats", repeats, "interleaved repeats of every configuration")
+      ->capture_default_str();
+  app.add_option(
+         "--threads", threads, "intra-op threads (0: LibTorch's default)")
+      ->capture_default_str();
   app.add_option("--device", device_name, "cpu or cuda")->capture_default_str();
   app.add_option("--json", json_path, "write the results as JSON to this file");
-  app.add_option("--sweep-units", sweep_units,
-                 "depth sweep instead of the zoo: units per stage, e.g. 3,9,18,36,72 (RevNet-110 widths)");
-  app.add_option("--sweep-modes", sweep_modes, "modes of the depth sweep")->capture_default_str();
-  app.add_option("--budget-mib", budget_mib,
-                 "also find the largest batch whose step fits this activation budget (CPU)")
+  app.add_option(
+      "--sweep-units",
+      sweep_units,
+      "depth sweep instead of the zoo: units per stage, e.g. 3,9,18,36,72 (RevNet-110 widths)");
+  app.add_option("--sweep-modes", sweep_modes, "modes of the depth sweep")
       ->capture_default_str();
-  app.add_option("--channels-last", channels_last, "NHWC tensors (fast CPU convolutions)")
+  app.add_option(
+         "--budget-mib",
+         budget_mib,
+         "also find the largest batch whose step fits this activation budget (CPU)")
+      ->capture_default_str();
+  app.add_option(
+         "--channels-last",
+         channels_last,
+         "NHWC tensors (fast CPU convolutions)")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
@@ -310,15 +342,20 @@ int main(int argc, char** argv) {
     if (threads > 0) {
       torch::set_num_threads(threads);
     }
-    TORCH_CHECK(device_name == "cpu" || device_name == "cuda",
-                "--device must be cpu or cuda, got ", device_name);
+    TORCH_CHECK(
+        device_name == "cpu" || device_name == "cuda",
+        "--device must be cpu or cuda, got ",
+        device_name);
     Runner runner;
-    runner.device = torch::Device(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
-    TORCH_CHECK(!runner.device.is_cuda() || torch::cuda::is_available(),
-                "--device cuda: no CUDA device is available");
+    runner.device =
+        torch::Device(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
+    TORCH_CHECK(
+        !runner.device.is_cuda() || torch::cuda::is_available(),
+        "--device cuda: no CUDA device is available");
     runner.channels_last = channels_last;
-    TORCH_CHECK(steps >= 0 && repeats >= 1 && batch >= 1,
-                "--steps must be >= 0, --repeats and --batch >= 1");
+    TORCH_CHECK(
+        steps >= 0 && repeats >= 1 && batch >= 1,
+        "--steps must be >= 0, --repeats and --batch >= 1");
 
     std::vector<Config> configs;
     if (!sweep_units.empty()) {
@@ -332,13 +369,19 @@ int main(int argc, char** argv) {
     } else {
       const auto names = torchrev::models::model_names();
       for (const auto& m : split_list(models)) {
-        TORCH_CHECK(std::find(names.begin(), names.end(), m) != names.end(),
-                    "--models: unknown model '", m, "'");
+        TORCH_CHECK(
+            std::find(names.begin(), names.end(), m) != names.end(),
+            "--models: unknown model '",
+            m,
+            "'");
         if (torchrev::models::is_revnet(m)) {
           for (const auto& mode : split_list(modes)) {
-            TORCH_CHECK(mode == "reversible" || mode == "stored" ||
-                            mode == "checkpointed" || mode == "hybrid",
-                        "--modes: unknown mode '", mode, "'");
+            TORCH_CHECK(
+                mode == "reversible" || mode == "stored" ||
+                    mode == "checkpointed" || mode == "hybrid",
+                "--modes: unknown mode '",
+                mode,
+                "'");
             configs.push_back({m, mode, {}, batch});
           }
         } else {
@@ -351,14 +394,26 @@ int main(int argc, char** argv) {
     for (int64_t r = 0; r < (steps == 0 ? 1 : repeats); ++r) {
       for (size_t i = 0; i < configs.size(); ++i) {
         runner.measure(configs[i], samples[i], steps);
-        fmt::print(stderr, "repeat {}/{}: {} {} done\n", r + 1, repeats,
-                   configs[i].model, configs[i].mode);
+        fmt::print(
+            stderr,
+            "repeat {}/{}: {} {} done\n",
+            r + 1,
+            repeats,
+            configs[i].model,
+            configs[i].mode);
       }
     }
 
     nlohmann::json results = nlohmann::json::array();
-    fmt::print("{:<14} {:<13} {:>6} {:>10} {:>14} {:>10} {:>11}\n", "model", "mode",
-               "batch", "params", "peak act. MiB", "step s", "maxrss MiB");
+    fmt::print(
+        "{:<14} {:<13} {:>6} {:>10} {:>14} {:>10} {:>11}\n",
+        "model",
+        "mode",
+        "batch",
+        "params",
+        "peak act. MiB",
+        "step s",
+        "maxrss MiB");
     for (size_t i = 0; i < configs.size(); ++i) {
       const auto& c = configs[i];
       const auto& s = samples[i];
@@ -368,18 +423,26 @@ int main(int argc, char** argv) {
       if (!c.units.empty()) {
         name = fmt::format("revnet-{}x3", c.units[0]);
       }
-      fmt::print("{:<14} {:<13} {:>6} {:>10} {:>14.1f} {:>10.3f} {:>11.1f}\n", name, c.mode,
-                 c.batch, s.params, peak / (1 << 20), secs, s.maxrss_kib / 1024.0);
-      nlohmann::json row = {{"model", name},
-                            {"mode", c.mode},
-                            {"batch", c.batch},
-                            {"threads", torch::get_num_threads()},
-                            {"params", s.params},
-                            {"peak_activation_bytes", static_cast<int64_t>(peak)},
-                            {"step_seconds", secs},
-                            {"maxrss_kib", s.maxrss_kib},
-                            {"repeats", s.seconds.size() / std::max<int64_t>(steps, 1)},
-                            {"step_seconds_all", s.seconds}};
+      fmt::print(
+          "{:<14} {:<13} {:>6} {:>10} {:>14.1f} {:>10.3f} {:>11.1f}\n",
+          name,
+          c.mode,
+          c.batch,
+          s.params,
+          peak / (1 << 20),
+          secs,
+          s.maxrss_kib / 1024.0);
+      nlohmann::json row = {
+          {"model", name},
+          {"mode", c.mode},
+          {"batch", c.batch},
+          {"threads", torch::get_num_threads()},
+          {"params", s.params},
+          {"peak_activation_bytes", static_cast<int64_t>(peak)},
+          {"step_seconds", secs},
+          {"maxrss_kib", s.maxrss_kib},
+          {"repeats", s.seconds.size() / std::max<int64_t>(steps, 1)},
+          {"step_seconds_all", s.seconds}};
       if (!c.units.empty()) {
         row["units_per_stage"] = c.units[0];
       }
@@ -388,26 +451,33 @@ int main(int argc, char** argv) {
 
     if (budget_mib > 0) {
       const size_t budget = static_cast<size_t>(budget_mib * (1 << 20));
-      fmt::print("\nlargest batch whose training step fits {} MiB of activations:\n", budget_mib);
+      fmt::print(
+          "\nlargest batch whose training step fits {} MiB of activations:\n",
+          budget_mib);
       for (size_t i = 0; i < configs.size(); ++i) {
         const int64_t b = runner.largest_batch(configs[i], budget);
-        fmt::print("{:<14} {:<13} {:>6}\n", results[i]["model"].get<std::string>(),
-                   configs[i].mode, b);
+        fmt::print(
+            "{:<14} {:<13} {:>6}\n",
+            results[i]["model"].get<std::string>(),
+            configs[i].mode,
+            b);
         results[i]["largest_batch"] = b;
         results[i]["budget_bytes"] = budget;
       }
     }
 
     if (!json_path.empty()) {
-      nlohmann::json doc = {{"machine", machine_info(torch::get_num_threads(), runner.device)},
-                            {"command", [&] {
-                               std::string cmd;
-                               for (int a = 0; a < argc; ++a) {
-                                 cmd += (a ? " " : "") + std::string(argv[a]);
-                               }
-                               return cmd;
-                             }()},
-                            {"results", results}};
+      nlohmann::json doc = {
+          {"machine", machine_info(torch::get_num_threads(), runner.device)},
+          {"command",
+           [&] {
+             std::string cmd;
+             for (int a = 0; a < argc; ++a) {
+               cmd += (a ? " " : "") + std::string(argv[a]);
+             }
+             return cmd;
+           }()},
+          {"results", results}};
       const std::string tmp = json_path + ".tmp";
       {
         std::ofstream out(tmp);

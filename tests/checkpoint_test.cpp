@@ -45,7 +45,8 @@ TEST(Checkpoint, GradientsBatchNormStatsAndRngMatchPlainAutograd) {
   auto buffers = net->buffers();
   auto ref_buffers = reference->buffers();
   for (size_t i = 0; i < buffers.size(); ++i) {
-    EXPECT_TRUE(buffers[i].allclose(ref_buffers[i], 0, 1e-12)) << "buffer " << i;
+    EXPECT_TRUE(buffers[i].allclose(ref_buffers[i], 0, 1e-12))
+        << "buffer " << i;
   }
   EXPECT_TRUE(after.equal(ref_after));
 }
@@ -70,7 +71,8 @@ TEST(Checkpoint, AutogradGradAndHooksSeeEachParameterOnce) {
   for (auto& p : params) {
     p.mutable_grad() = torch::Tensor();
   }
-  auto grads = torch::autograd::grad({torchrev::checkpoint(net, x).sum()}, params);
+  auto grads =
+      torch::autograd::grad({torchrev::checkpoint(net, x).sum()}, params);
   auto ref_grads = torch::autograd::grad({net->forward(x).sum()}, params);
   ASSERT_EQ(grads.size(), params.size());
   for (size_t i = 0; i < params.size(); ++i) {

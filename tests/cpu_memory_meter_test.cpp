@@ -15,7 +15,10 @@ struct StepMemory {
   long long leftover = 0;
 };
 
-void train_step(torchrev::RevSequential& stage, const torch::Tensor& x, bool reversible) {
+void train_step(
+    torchrev::RevSequential& stage,
+    const torch::Tensor& x,
+    bool reversible) {
   auto y = reversible ? stage(x) : plain_forward(stage, x);
   y.pow(2).mean().backward();
 }
@@ -66,7 +69,8 @@ TEST(CPUMemoryMeter, BudgetRejectsAllocationsThatWouldExceedIt) {
     FAIL() << "expected an out-of-memory error";
   } catch (const c10::OutOfMemoryError& e) {
     meter.set_budget(0);
-    EXPECT_NE(std::string(e.what()).find("exceed the budget"), std::string::npos);
+    EXPECT_NE(
+        std::string(e.what()).find("exceed the budget"), std::string::npos);
   }
   EXPECT_NO_THROW(torch::empty({1 << 20}, torch::kFloat32));
 }
@@ -89,13 +93,13 @@ TEST(RevSequentialMemory, PeakIsFlatInDepthWhilePlainAutogradGrowsLinearly) {
   std::cout << "[ memory   ] training-step peak above baseline, bytes: "
             << "reversible depth 4 = " << rev4.peak
             << ", depth 16 = " << rev16.peak << " (x" << rev_ratio << "); "
-            << "plain depth 4 = " << plain4.peak << ", depth 8 = "
-            << plain8.peak << ", depth 16 = " << plain16.peak << " (x"
-            << plain_ratio << ")" << std::endl;
+            << "plain depth 4 = " << plain4.peak
+            << ", depth 8 = " << plain8.peak << ", depth 16 = " << plain16.peak
+            << " (x" << plain_ratio << ")" << std::endl;
   EXPECT_LE(rev_ratio, 1.25);
   // Plain autograd grows linearly: 8 more blocks cost twice what 4 more do.
-  const double growth = double(plain16.peak - plain8.peak) /
-      double(plain8.peak - plain4.peak);
+  const double growth =
+      double(plain16.peak - plain8.peak) / double(plain8.peak - plain4.peak);
   EXPECT_GT(growth, 1.7);
   EXPECT_LT(growth, 2.3);
   EXPECT_GT(plain_ratio, 2.5);

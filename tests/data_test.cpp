@@ -60,7 +60,8 @@ std::string error_of(const std::function<void()>& fn) {
 TEST(CifarReader, ReadsCifar10BinaryBatches) {
   TempDir dir;
   for (int b = 1; b <= 5; ++b) {
-    write_cifar(dir.path / ("data_batch_" + std::to_string(b) + ".bin"), 4, 1, 10);
+    write_cifar(
+        dir.path / ("data_batch_" + std::to_string(b) + ".bin"), 4, 1, 10);
   }
   write_cifar(dir.path / "test_batch.bin", 3, 1, 10);
   auto data = cifar::load_cifar10(dir.path);
@@ -87,7 +88,8 @@ TEST(CifarReader, ReadsCifar100FineLabels) {
 TEST(CifarReader, TruncatedFileIsAClearError) {
   TempDir dir;
   for (int b = 1; b <= 5; ++b) {
-    write_cifar(dir.path / ("data_batch_" + std::to_string(b) + ".bin"), 2, 1, 10);
+    write_cifar(
+        dir.path / ("data_batch_" + std::to_string(b) + ".bin"), 2, 1, 10);
   }
   write_cifar(dir.path / "test_batch.bin", 2, 1, 10);
   fs::resize_file(dir.path / "data_batch_3.bin", 3073 + 100);
@@ -100,11 +102,17 @@ TEST(CifarReader, CorruptLabelAndMissingFilesAreClearErrors) {
   TempDir dir;
   write_cifar(dir.path / "train.bin", 2, 1, 10); // 1-byte labels: wrong format
   write_cifar(dir.path / "test.bin", 2, 2, 100);
-  EXPECT_NE(error_of([&] { cifar::load_cifar100(dir.path); }).find("train.bin"), std::string::npos);
-  EXPECT_NE(error_of([&] { cifar::load_cifar10(dir.path); }).find("no CIFAR-10"), std::string::npos);
-  EXPECT_NE(error_of([&] { cifar::load_dataset("auto", (dir.path / "nope").string()); })
-                .find("no such directory"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([&] { cifar::load_cifar100(dir.path); }).find("train.bin"),
+      std::string::npos);
+  EXPECT_NE(
+      error_of([&] { cifar::load_cifar10(dir.path); }).find("no CIFAR-10"),
+      std::string::npos);
+  EXPECT_NE(
+      error_of([&] {
+        cifar::load_dataset("auto", (dir.path / "nope").string());
+      }).find("no such directory"),
+      std::string::npos);
 }
 
 TEST(FashionMnistReader, ReadsDebiansFiles) {
@@ -126,11 +134,15 @@ TEST(FashionMnistReader, TruncatedGzipIsAClearError) {
     GTEST_SKIP() << "dataset-fashion-mnist is not installed";
   }
   TempDir dir;
-  for (const char* f : {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"}) {
+  for (const char* f :
+       {"train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz"}) {
     fs::copy_file(fs::path(cifar::kFashionMnistDir) / f, dir.path / f);
   }
   fs::resize_file(dir.path / "t10k-images-idx3-ubyte.gz", 100000);
   const auto message = error_of([&] { cifar::load_fashion_mnist(dir.path); });
-  EXPECT_NE(message.find("t10k-images-idx3-ubyte.gz"), std::string::npos) << message;
+  EXPECT_NE(message.find("t10k-images-idx3-ubyte.gz"), std::string::npos)
+      << message;
 }

@@ -9,7 +9,6 @@
 
 #include <fmt/core.h>
 
-
 #include <filesystem>
 
 namespace {
@@ -17,7 +16,8 @@ namespace {
 using namespace torchrev::testing;
 
 std::string cifar_train(const std::string& args) {
-  return std::string(TORCHREV_CIFAR_TRAIN) + " --quiet --dataset fashion-mnist " + args;
+  return std::string(TORCHREV_CIFAR_TRAIN) +
+      " --quiet --dataset fashion-mnist " + args;
 }
 
 bool have_fashion_mnist() {
@@ -35,9 +35,11 @@ TEST(Distributed, TwoRanksOfCifarTrainEndWithIdenticalParameters) {
       "--max-steps 6 --batch-size 32 --threads 1 --world-size 2 "
       "--master-port {} --dist-timeout 60",
       free_port());
-  auto ranks = run_all({cifar_train(common + " --rank 0"), cifar_train(common + " --rank 1")});
+  auto ranks = run_all(
+      {cifar_train(common + " --rank 0"), cifar_train(common + " --rank 1")});
   for (int r = 0; r < 2; ++r) {
-    ASSERT_EQ(ranks[r].exit_code, 0) << "rank " << r << ":\n" << ranks[r].output;
+    ASSERT_EQ(ranks[r].exit_code, 0) << "rank " << r << ":\n"
+                                     << ranks[r].output;
   }
   const auto sum0 = value_of(ranks[0].output, "param_checksum");
   ASSERT_FALSE(sum0.empty()) << ranks[0].output;
@@ -49,17 +51,20 @@ TEST(Distributed, TwoRanksOfCifarTrainEndWithIdenticalParameters) {
 
 TEST(Distributed, TwoRanksWithBatchBMatchOneProcessWithBatch2B) {
   const int port = free_port();
-  const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
+  const std::string self =
+      std::filesystem::read_symlink("/proc/self/exe").string();
   auto command = [&](int rank) {
     return fmt::format("{} --dp-worker {} 2 {}", self, rank, port);
   };
   auto ranks = run_all({command(0), command(1)});
   for (int r = 0; r < 2; ++r) {
-    ASSERT_EQ(ranks[r].exit_code, 0) << "rank " << r << ":\n" << ranks[r].output;
+    ASSERT_EQ(ranks[r].exit_code, 0) << "rank " << r << ":\n"
+                                     << ranks[r].output;
   }
   const double rank0 = std::stod(value_of(ranks[0].output, "param_checksum"));
   const double rank1 = std::stod(value_of(ranks[1].output, "param_checksum"));
-  const double single = torchrev::testing::dp_worker_checksum(/*rank=*/0, /*world=*/1, 0);
+  const double single =
+      torchrev::testing::dp_worker_checksum(/*rank=*/0, /*world=*/1, 0);
   EXPECT_EQ(rank0, rank1);
   EXPECT_NEAR(rank0, single, 1e-5 * std::abs(single));
 }
@@ -72,11 +77,13 @@ TEST(Distributed, ARankThatExitsEarlyMakesItsPeerFailWithAClearError) {
       "--max-steps 40 --batch-size 32 --threads 1 --world-size 2 "
       "--master-port {} --dist-timeout 10",
       free_port());
-  auto ranks = run_all({cifar_train(common + " --rank 0"),
-                        cifar_train(common + " --rank 1 --stop-after 2")});
+  auto ranks = run_all(
+      {cifar_train(common + " --rank 0"),
+       cifar_train(common + " --rank 1 --stop-after 2")});
   EXPECT_EQ(ranks[1].exit_code, 0) << ranks[1].output;
   EXPECT_NE(ranks[0].exit_code, 0) << ranks[0].output;
-  EXPECT_NE(ranks[0].output.find("cifar_train: error: rank 0"), std::string::npos)
+  EXPECT_NE(
+      ranks[0].output.find("cifar_train: error: rank 0"), std::string::npos)
       << ranks[0].output;
   EXPECT_LT(ranks[0].seconds, 60.0);
 }
@@ -89,9 +96,12 @@ TEST(Distributed, APeerThatNeverJoinsTimesOut) {
       "--max-steps 2 --world-size 2 --rank 0 --master-port {} --dist-timeout 3",
       free_port())));
   EXPECT_NE(alone.exit_code, 0);
-  EXPECT_NE(alone.output.find("timed out after 3 s waiting for 2 ranks"), std::string::npos)
+  EXPECT_NE(
+      alone.output.find("timed out after 3 s waiting for 2 ranks"),
+      std::string::npos)
       << alone.output;
   EXPECT_LT(alone.seconds, 30.0);
   // No partial output: one error line, no stack trace.
-  EXPECT_EQ(alone.output.find("Exception raised from"), std::string::npos) << alone.output;
+  EXPECT_EQ(alone.output.find("Exception raised from"), std::string::npos)
+      << alone.output;
 }

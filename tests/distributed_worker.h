@@ -31,9 +31,11 @@ inline double dp_worker_checksum(int rank, int world, int port) {
     options.rank = rank;
     options.master_port = port;
     options.timeout = std::chrono::milliseconds(30000);
-    parallel = std::make_unique<cifar::DataParallel>(options, *model, torch::kCPU);
+    parallel =
+        std::make_unique<cifar::DataParallel>(options, *model, torch::kCPU);
   }
-  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  torch::optim::SGD optimizer(
+      model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
   for (int s = 0; s < kSteps; ++s) {
     optimizer.zero_grad();
     auto loss = torch::nn::functional::cross_entropy(model->forward(xs), ys);
@@ -49,10 +51,11 @@ inline double dp_worker_checksum(int rank, int world, int port) {
   double sum = 0;
   int64_t k = 0;
   for (const auto& p : model->parameters()) {
-    sum += (p.detach().to(torch::kFloat64).flatten() *
-            torch::arange(p.numel(), torch::kFloat64).remainder_(13).add_(1 + k))
-               .sum()
-               .item<double>();
+    sum +=
+        (p.detach().to(torch::kFloat64).flatten() *
+         torch::arange(p.numel(), torch::kFloat64).remainder_(13).add_(1 + k))
+            .sum()
+            .item<double>();
     ++k;
   }
   return sum;

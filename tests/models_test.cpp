@@ -23,8 +23,12 @@ int64_t head(int64_t width, int64_t classes) {
   return 2 * width + width * classes + classes;
 }
 
-int64_t resnet_params(std::vector<int64_t> units, std::vector<int64_t> ch, bool b,
-                      int64_t in_ch, int64_t classes) {
+int64_t resnet_params(
+    std::vector<int64_t> units,
+    std::vector<int64_t> ch,
+    bool b,
+    int64_t in_ch,
+    int64_t classes) {
   int64_t n = 9 * in_ch * ch[0];
   int64_t width = ch[0];
   for (size_t s = 0; s < units.size(); ++s) {
@@ -40,8 +44,12 @@ int64_t resnet_params(std::vector<int64_t> units, std::vector<int64_t> ch, bool 
   return n + head(width, classes);
 }
 
-int64_t revnet_params(std::vector<int64_t> units, std::vector<int64_t> ch, bool b,
-                      int64_t in_ch, int64_t classes) {
+int64_t revnet_params(
+    std::vector<int64_t> units,
+    std::vector<int64_t> ch,
+    bool b,
+    int64_t in_ch,
+    int64_t classes) {
   int64_t n = 9 * in_ch * ch[0];
   int64_t width = ch[0];
   for (size_t s = 0; s < units.size(); ++s) {
@@ -66,13 +74,27 @@ struct ZooEntry {
 
 std::vector<ZooEntry> zoo(int64_t in_ch, int64_t classes) {
   return {
-      {"resnet32", resnet_params({5, 5, 5}, {16, 16, 32, 64}, false, in_ch, classes), 0.46},
-      {"resnet110", resnet_params({18, 18, 18}, {16, 16, 32, 64}, false, in_ch, classes), 1.73},
-      {"resnet164", resnet_params({18, 18, 18}, {16, 16, 32, 64}, true, in_ch, classes), 1.70},
-      {"revnet38", revnet_params({3, 3, 3}, {32, 32, 64, 112}, false, in_ch, classes), 0.0},
-      {"revnet110", revnet_params({9, 9, 9}, {32, 32, 64, 128}, false, in_ch, classes), 1.73},
-      {"revnet164", revnet_params({9, 9, 9}, {32, 32, 64, 128}, true, in_ch, classes), 1.75},
-      {"revnet_mini", revnet_params({1, 2, 2}, {16, 16, 32, 64}, false, in_ch, classes), 0.0},
+      {"resnet32",
+       resnet_params({5, 5, 5}, {16, 16, 32, 64}, false, in_ch, classes),
+       0.46},
+      {"resnet110",
+       resnet_params({18, 18, 18}, {16, 16, 32, 64}, false, in_ch, classes),
+       1.73},
+      {"resnet164",
+       resnet_params({18, 18, 18}, {16, 16, 32, 64}, true, in_ch, classes),
+       1.70},
+      {"revnet38",
+       revnet_params({3, 3, 3}, {32, 32, 64, 112}, false, in_ch, classes),
+       0.0},
+      {"revnet110",
+       revnet_params({9, 9, 9}, {32, 32, 64, 128}, false, in_ch, classes),
+       1.73},
+      {"revnet164",
+       revnet_params({9, 9, 9}, {32, 32, 64, 128}, true, in_ch, classes),
+       1.75},
+      {"revnet_mini",
+       revnet_params({1, 2, 2}, {16, 16, 32, 64}, false, in_ch, classes),
+       0.0},
   };
 }
 
@@ -88,8 +110,9 @@ TEST(ModelZoo, EveryModelHasTheExpectedOutputShapeAndParameterCount) {
     }
     torch::NoGradGuard no_grad;
     model->eval();
-    EXPECT_EQ(model->forward(torch::randn({2, 3, 32, 32})).sizes(),
-              torch::IntArrayRef({2, 10}));
+    EXPECT_EQ(
+        model->forward(torch::randn({2, 3, 32, 32})).sizes(),
+        torch::IntArrayRef({2, 10}));
   }
 }
 
@@ -97,12 +120,14 @@ TEST(ModelZoo, InputChannelsAndClassesAreOptions) {
   for (const auto& entry : zoo(1, 7)) {
     SCOPED_TRACE(entry.name);
     auto model = torchrev::models::create(
-        entry.name, torchrev::models::ZooOptions().in_channels(1).num_classes(7));
+        entry.name,
+        torchrev::models::ZooOptions().in_channels(1).num_classes(7));
     EXPECT_EQ(torchrev::models::parameter_count(*model), entry.expected);
     torch::NoGradGuard no_grad;
     model->eval();
-    EXPECT_EQ(model->forward(torch::randn({2, 1, 28, 28})).sizes(),
-              torch::IntArrayRef({2, 7}));
+    EXPECT_EQ(
+        model->forward(torch::randn({2, 1, 28, 28})).sizes(),
+        torch::IntArrayRef({2, 7}));
   }
 }
 
@@ -112,7 +137,8 @@ TEST(ModelZoo, UnknownNameListsTheValidOnes) {
     FAIL() << "expected an error";
   } catch (const c10::Error& e) {
     const std::string message = e.what_without_backtrace();
-    EXPECT_NE(message.find("unknown model 'revnet39'"), std::string::npos) << message;
+    EXPECT_NE(message.find("unknown model 'revnet39'"), std::string::npos)
+        << message;
     EXPECT_NE(message.find("revnet164"), std::string::npos) << message;
   }
 }
@@ -129,8 +155,12 @@ TEST(ModelZoo, RevNetGradientsEqualTheSameNetworkWithPlainAutograd) {
     auto labels = torch::tensor({3, 7});
     std::vector<std::vector<torch::Tensor>> grads;
     std::vector<torch::Tensor> input_grads;
-    for (auto mode : {StageMode::kReversible, StageMode::kStored, StageMode::kCheckpointed}) {
-      auto net = std::dynamic_pointer_cast<torchrev::models::RevNetImpl>(rev->clone());
+    for (auto mode :
+         {StageMode::kReversible,
+          StageMode::kStored,
+          StageMode::kCheckpointed}) {
+      auto net =
+          std::dynamic_pointer_cast<torchrev::models::RevNetImpl>(rev->clone());
       net->options.mode(mode);
       net->options.checkpoint_transitions(mode == StageMode::kCheckpointed);
       auto x = input.clone().requires_grad_(true);

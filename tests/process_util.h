@@ -52,8 +52,9 @@ inline Outcome run(const std::string& command) {
   }
   const int status = ::pclose(pipe);
   outcome.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  outcome.seconds = std::chrono::duration<double>(
-      std::chrono::steady_clock::now() - start).count();
+  outcome.seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+          .count();
   return outcome;
 }
 

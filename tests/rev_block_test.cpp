@@ -36,7 +36,9 @@ TEST(RevBlock, SplitDimOptionSplitsAnotherDimension) {
   EXPECT_CLOSE(block(x), torch::cat({y1, y2}, 1), 1e-12);
   std::ostringstream out;
   out << *block;
-  EXPECT_NE(out.str().find("torchrev::RevBlock(split_dim=-2)"), std::string::npos) << out.str();
+  EXPECT_NE(
+      out.str().find("torchrev::RevBlock(split_dim=-2)"), std::string::npos)
+      << out.str();
 }
 
 TEST(RevBlock, CloneCopiesFAndGDeeply) {
@@ -49,7 +51,8 @@ TEST(RevBlock, CloneCopiesFAndGDeeply) {
   auto x = torch::randn({2, 4});
   EXPECT_TRUE(copy->forward(x).equal(block(x)));
   EXPECT_NE(copy->f.ptr(), block->f.ptr());
-  EXPECT_NE(copy->parameters()[0].data_ptr(), block->parameters()[0].data_ptr());
+  EXPECT_NE(
+      copy->parameters()[0].data_ptr(), block->parameters()[0].data_ptr());
 }
 
 TEST(RevBlock, ErrorsOnABlockOnItsOwnNameTheBlock) {

@@ -46,13 +46,13 @@ std::string error_of(const std::function<void()>& fn) {
   return "";
 }
 
-#define EXPECT_ERROR_CONTAINS(stmt, ...)                               \
-  do {                                                                 \
-    const std::string message = error_of([&] { stmt; });               \
-    for (const std::string& part : {__VA_ARGS__}) {                    \
-      EXPECT_NE(message.find(part), std::string::npos)                 \
+#define EXPECT_ERROR_CONTAINS(stmt, ...)                                     \
+  do {                                                                       \
+    const std::string message = error_of([&] { stmt; });                     \
+    for (const std::string& part : {__VA_ARGS__}) {                          \
+      EXPECT_NE(message.find(part), std::string::npos)                       \
           << "error message \"" << message << "\" lacks \"" << part << "\""; \
-    }                                                                  \
+    }                                                                        \
   } while (0)
 
 } // namespace
@@ -60,19 +60,22 @@ std::string error_of(const std::function<void()>& fn) {
 TEST(RevSequential, ApiCompilesAsDocumented) {
   torch::nn::Sequential seq_f(torch::nn::Linear(2, 2));
   torch::nn::Sequential seq_g(torch::nn::Linear(2, 2));
-  torchrev::RevBlock<torch::nn::Sequential, torch::nn::Sequential> block(seq_f, seq_g);
+  torchrev::RevBlock<torch::nn::Sequential, torch::nn::Sequential> block(
+      seq_f, seq_g);
   EXPECT_EQ(block->f.ptr(), seq_f.ptr());
   EXPECT_EQ(block->named_children()["f"].get(), seq_f.ptr().get());
   EXPECT_EQ(block->named_children()["g"].get(), seq_g.ptr().get());
 
   torchrev::RevSequential empty;
   EXPECT_EQ(empty->size(), 0u);
-  torchrev::RevSequential stage(block, std::make_shared<AffineTanhBlockImpl>(2));
+  torchrev::RevSequential stage(
+      block, std::make_shared<AffineTanhBlockImpl>(2));
   stage->push_back(AffineTanhBlock(2));
   stage->push_back(std::make_shared<AffineTanhBlockImpl>(2));
-  stage->push_back(torchrev::RevBlock<torch::nn::Sequential, torch::nn::Sequential>(
-      torch::nn::Sequential(torch::nn::Linear(2, 2)),
-      torch::nn::Sequential(torch::nn::Linear(2, 2))));
+  stage->push_back(
+      torchrev::RevBlock<torch::nn::Sequential, torch::nn::Sequential>(
+          torch::nn::Sequential(torch::nn::Linear(2, 2)),
+          torch::nn::Sequential(torch::nn::Linear(2, 2))));
   EXPECT_EQ(stage->size(), 5u);
   EXPECT_EQ(stage->ptr(0).get(), block.ptr().get());
   EXPECT_NE(stage->ptr<AffineTanhBlockImpl>(1), nullptr);
@@ -95,7 +98,8 @@ TEST(RevSequential, SubclassedRevBlockBaseMatchesPlainAutograd) {
     stage->push_back(AffineTanhBlock(3));
   }
   stage->to(torch::kFloat64);
-  auto x = torch::randn({4, 6}, torch::dtype(torch::kFloat64).requires_grad(true));
+  auto x =
+      torch::randn({4, 6}, torch::dtype(torch::kFloat64).requires_grad(true));
   stage(x).pow(2).sum().backward();
   auto rev_grad_x = x.grad().clone();
   std::vector<torch::Tensor> rev_grads;
@@ -172,7 +176,8 @@ TEST(RevSequential, NestsInTorchSequentialAndRoundTripsThroughSaveAndLoad) {
   torch::load(loaded, stream);
   EXPECT_TRUE(loaded->forward(x).equal(expected));
   auto names = loaded->named_parameters().keys();
-  EXPECT_NE(std::find(names.begin(), names.end(), "2.1.f.2.weight"), names.end());
+  EXPECT_NE(
+      std::find(names.begin(), names.end(), "2.1.f.2.weight"), names.end());
 }
 
 TEST(RevSequential, CloneIsDeepAndIndependent) {
@@ -191,12 +196,16 @@ TEST(RevSequential, PrettyPrintNamesTorchrevModulesAndNonDefaultOptions) {
   auto stage = mlp_stage(1, 2);
   std::ostringstream plain;
   plain << *stage;
-  EXPECT_NE(plain.str().find("torchrev::RevSequential(\n"), std::string::npos) << plain.str();
-  EXPECT_NE(plain.str().find("(0): torchrev::RevBlock"), std::string::npos) << plain.str();
-  torchrev::RevSequential quiet(torchrev::RevSequentialOptions().preserve_rng_state(false));
+  EXPECT_NE(plain.str().find("torchrev::RevSequential(\n"), std::string::npos)
+      << plain.str();
+  EXPECT_NE(plain.str().find("(0): torchrev::RevBlock"), std::string::npos)
+      << plain.str();
+  torchrev::RevSequential quiet(
+      torchrev::RevSequentialOptions().preserve_rng_state(false));
   std::ostringstream with_option;
   with_option << *quiet;
-  EXPECT_EQ(with_option.str(), "torchrev::RevSequential(preserve_rng_state=false)");
+  EXPECT_EQ(
+      with_option.str(), "torchrev::RevSequential(preserve_rng_state=false)");
 }
 
 TEST(RevSequential, PlainForwardUnderNoGradSavesNothing) {

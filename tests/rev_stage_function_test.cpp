@@ -16,7 +16,10 @@ struct Step {
 
 /// One forward + backward of `stage` (reversible) or of its blocks with plain
 /// autograd, with `.grad` cleared first.
-Step run_step(torchrev::RevSequential& stage, const torch::Tensor& input, bool reversible) {
+Step run_step(
+    torchrev::RevSequential& stage,
+    const torch::Tensor& input,
+    bool reversible) {
   stage->zero_grad();
   auto x = input.detach().clone().requires_grad_(true);
   auto y = reversible ? stage(x) : plain_forward(stage, x);
@@ -24,7 +27,8 @@ Step run_step(torchrev::RevSequential& stage, const torch::Tensor& input, bool r
   (y * y).sum().backward();
   Step step{y.detach(), x.grad(), {}};
   for (const auto& p : stage->parameters()) {
-    step.param_grads.push_back(p.grad().defined() ? p.grad().clone() : p.grad());
+    step.param_grads.push_back(
+        p.grad().defined() ? p.grad().clone() : p.grad());
   }
   return step;
 }
@@ -63,7 +67,9 @@ TEST(RevStageFunction, GradientsMatchPlainAutogradFloat32) {
   expect_steps_match(rev, plain, 1e-4);
 }
 
-TEST(RevStageFunction, AutogradGradWithRespectToParametersMatchesAndLeavesGradUntouched) {
+TEST(
+    RevStageFunction,
+    AutogradGradWithRespectToParametersMatchesAndLeavesGradUntouched) {
   torch::manual_seed(2);
   auto stage = conv_stage(3, 2);
   stage->to(torch::kFloat64);
@@ -197,11 +203,14 @@ TEST(RevStageFunction, BackwardTwiceWithoutRetainGraphIsAnError) {
   EXPECT_THROW(loss.backward(), c10::Error);
 }
 
-TEST(RevStageFunction, BackwardTwiceWithRetainGraphAccumulatesTwiceTheGradient) {
+TEST(
+    RevStageFunction,
+    BackwardTwiceWithRetainGraphAccumulatesTwiceTheGradient) {
   torch::manual_seed(8);
   auto stage = mlp_stage(3, 4);
   stage->to(torch::kFloat64);
-  auto x = torch::randn({3, 8}, torch::dtype(torch::kFloat64).requires_grad(true));
+  auto x =
+      torch::randn({3, 8}, torch::dtype(torch::kFloat64).requires_grad(true));
   auto loss = stage(x).pow(2).sum();
   loss.backward({}, /*retain_graph=*/true);
   auto once = x.grad().clone();
@@ -216,7 +225,8 @@ TEST(RevStageFunction, DoubleBackwardIsAClearError) {
   auto x = torch::randn({3, 8}, torch::requires_grad());
   auto y = stage(x).pow(2).sum();
   try {
-    torch::autograd::grad({y}, {x}, {}, /*retain_graph=*/true, /*create_graph=*/true);
+    torch::autograd::grad(
+        {y}, {x}, {}, /*retain_graph=*/true, /*create_graph=*/true);
     FAIL() << "expected an error";
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("double backward"), std::string::npos)
@@ -275,7 +285,8 @@ TEST(RevStageFunction, GradientsMatchPlainAutograd_CUDA) {
   auto stage = conv_stage(4, 3, /*batch_norm=*/true, /*dropout=*/0.2);
   stage->to(torch::Device(torch::kCUDA), torch::kFloat64);
   auto reference = copy_of(stage);
-  auto x = torch::randn({4, 6, 5, 5}, torch::dtype(torch::kFloat64).device(torch::kCUDA));
+  auto x = torch::randn(
+      {4, 6, 5, 5}, torch::dtype(torch::kFloat64).device(torch::kCUDA));
   torch::manual_seed(12);
   auto rev = run_step(stage, x, true);
   torch::manual_seed(12);

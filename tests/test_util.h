@@ -29,7 +29,8 @@ inline double relative_error(const torch::Tensor& a, const torch::Tensor& b) {
   return scale == 0.0 ? diff : diff / scale;
 }
 
-#define EXPECT_CLOSE(a, b, tol) EXPECT_LT(::torchrev::testing::relative_error(a, b), tol)
+#define EXPECT_CLOSE(a, b, tol) \
+  EXPECT_LT(::torchrev::testing::relative_error(a, b), tol)
 
 /// A residual function for `channels` channels: BN-ReLU-Conv, optionally
 /// with dropout, as in a pre-activation RevNet.

@@ -42,7 +42,8 @@ TEST(Training, LossFallsOnFashionMnist) {
   ASSERT_EQ(result.step_losses.size(), 40u);
   auto mean = [&](size_t begin, size_t end) {
     double sum = 0;
-    for (size_t i = begin; i < end; ++i) sum += result.step_losses[i];
+    for (size_t i = begin; i < end; ++i)
+      sum += result.step_losses[i];
     return sum / double(end - begin);
   };
   EXPECT_LT(mean(30, 40), 0.8 * mean(0, 10));
@@ -79,7 +80,8 @@ TEST(Training, CheckpointRoundTripAndExactResume) {
   // The run resumes from the checkpoint of step 10.
   ASSERT_EQ(rest.step_losses.size(), 14u);
   for (size_t i = 0; i < rest.step_losses.size(); ++i) {
-    EXPECT_EQ(rest.step_losses[i], expected.step_losses[10 + i]) << "step " << 11 + i;
+    EXPECT_EQ(rest.step_losses[i], expected.step_losses[10 + i])
+        << "step " << 11 + i;
   }
   EXPECT_EQ(rest.param_checksum, expected.param_checksum);
   EXPECT_EQ(rest.test_accuracy, expected.test_accuracy);
@@ -112,7 +114,9 @@ TEST(Training, CheckpointRoundTripAndExactResume) {
     cifar::Trainer{second};
     FAIL() << "expected an error";
   } catch (const std::runtime_error& e) {
-    EXPECT_NE(std::string(e.what()).find("cannot read checkpoint"), std::string::npos) << e.what();
+    EXPECT_NE(
+        std::string(e.what()).find("cannot read checkpoint"), std::string::npos)
+        << e.what();
   }
   fs::remove(checkpoint);
   fs::remove(metrics);

@@ -69,7 +69,8 @@ inline std::vector<uint8_t> read_gzip(const fs::path& path) {
   std::vector<uint8_t> data;
   std::vector<uint8_t> chunk(1 << 20);
   int n = 0;
-  while ((n = gzread(file, chunk.data(), static_cast<unsigned>(chunk.size()))) > 0) {
+  while ((n = gzread(file, chunk.data(), static_cast<unsigned>(chunk.size()))) >
+         0) {
     data.insert(data.end(), chunk.begin(), chunk.begin() + n);
   }
   int error = Z_OK;
@@ -83,7 +84,9 @@ inline std::vector<uint8_t> read_gzip(const fs::path& path) {
   return data;
 }
 
-inline uint32_t big_endian_u32(const std::vector<uint8_t>& data, size_t offset) {
+inline uint32_t big_endian_u32(
+    const std::vector<uint8_t>& data,
+    size_t offset) {
   return (uint32_t(data[offset]) << 24) | (uint32_t(data[offset + 1]) << 16) |
       (uint32_t(data[offset + 2]) << 8) | uint32_t(data[offset + 3]);
 }
@@ -100,28 +103,28 @@ inline void read_cifar_file(
   if (data.empty() || data.size() % record != 0) {
     throw DataError(
         path.string() + ": truncated or not a CIFAR binary file (" +
-        std::to_string(data.size()) + " bytes is not a positive multiple of the " +
-        std::to_string(record) + "-byte record)");
+        std::to_string(data.size()) +
+        " bytes is not a positive multiple of the " + std::to_string(record) +
+        "-byte record)");
   }
   const int64_t max_label = label_bytes == 1 ? 9 : 99;
   for (size_t offset = 0; offset < data.size(); offset += record) {
     const int64_t label = data[offset + label_bytes - 1]; // fine label last
     if (label > max_label) {
       throw DataError(
-          path.string() + ": corrupt record " + std::to_string(offset / record) +
-          " (label " + std::to_string(label) + " > " +
-          std::to_string(max_label) + ")");
+          path.string() + ": corrupt record " +
+          std::to_string(offset / record) + " (label " + std::to_string(label) +
+          " > " + std::to_string(max_label) + ")");
     }
     labels.push_back(label);
     images.insert(
-        images.end(), data.begin() + offset + label_bytes,
+        images.end(),
+        data.begin() + offset + label_bytes,
         data.begin() + offset + record);
   }
 }
 
-inline Split cifar_split(
-    const std::vector<fs::path>& files,
-    int label_bytes) {
+inline Split cifar_split(const std::vector<fs::path>& files, int label_bytes) {
   std::vector<uint8_t> images;
   std::vector<int64_t> labels;
   for (const auto& file : files) {
@@ -129,19 +132,24 @@ inline Split cifar_split(
   }
   const int64_t n = static_cast<int64_t>(labels.size());
   Split split;
-  split.images = torch::from_blob(images.data(), {n, 3, 32, 32}, torch::kUInt8).clone();
+  split.images =
+      torch::from_blob(images.data(), {n, 3, 32, 32}, torch::kUInt8).clone();
   split.labels = torch::from_blob(labels.data(), {n}, torch::kInt64).clone();
   return split;
 }
 
-inline Split idx_split(const fs::path& images_path, const fs::path& labels_path) {
+inline Split idx_split(
+    const fs::path& images_path,
+    const fs::path& labels_path) {
   auto images = read_gzip(images_path);
   auto labels = read_gzip(labels_path);
   if (images.size() < 16 || big_endian_u32(images, 0) != 0x00000803) {
-    throw DataError(images_path.string() + ": not an IDX image file (bad magic number)");
+    throw DataError(
+        images_path.string() + ": not an IDX image file (bad magic number)");
   }
   if (labels.size() < 8 || big_endian_u32(labels, 0) != 0x00000801) {
-    throw DataError(labels_path.string() + ": not an IDX label file (bad magic number)");
+    throw DataError(
+        labels_path.string() + ": not an IDX label file (bad magic number)");
   }
   const int64_t n = big_endian_u32(images, 4);
   const int64_t rows = big_endian_u32(images, 8);
@@ -152,15 +160,19 @@ inline Split idx_split(const fs::path& images_path, const fs::path& labels_path)
         std::to_string(16 + n * rows * cols) + " bytes, got " +
         std::to_string(images.size()) + ")");
   }
-  if (big_endian_u32(labels, 4) != uint32_t(n) || labels.size() != size_t(8 + n)) {
+  if (big_endian_u32(labels, 4) != uint32_t(n) ||
+      labels.size() != size_t(8 + n)) {
     throw DataError(
         labels_path.string() + ": expected " + std::to_string(n) +
         " labels to match the images, got a file of " +
         std::to_string(labels.size()) + " bytes");
   }
   Split split;
-  split.images = torch::from_blob(images.data() + 16, {n, 1, rows, cols}, torch::kUInt8).clone();
-  split.labels = torch::from_blob(labels.data() + 8, {n}, torch::kUInt8).to(torch::kInt64);
+  split.images =
+      torch::from_blob(images.data() + 16, {n, 1, rows, cols}, torch::kUInt8)
+          .clone();
+  split.labels =
+      torch::from_blob(labels.data() + 8, {n}, torch::kUInt8).to(torch::kInt64);
   if (split.labels.max().item<int64_t>() > 9) {
     throw DataError(labels_path.string() + ": corrupt (label > 9)");
   }
@@ -193,7 +205,8 @@ inline void set_statistics(Dataset& dataset) {
 
 /// True when `dir` holds the CIFAR-10 binary files.
 inline bool has_cifar10(const fs::path& dir) {
-  return fs::exists(dir / "data_batch_1.bin") && fs::exists(dir / "test_batch.bin");
+  return fs::exists(dir / "data_batch_1.bin") &&
+      fs::exists(dir / "test_batch.bin");
 }
 
 /// True when `dir` holds the CIFAR-100 binary files.
@@ -212,7 +225,8 @@ inline Dataset load_cifar10(const fs::path& dir) {
   for (int i = 1; i <= 5; ++i) {
     auto file = dir / ("data_batch_" + std::to_string(i) + ".bin");
     if (!fs::exists(file)) {
-      throw DataError(file.string() + ": missing (CIFAR-10 has 5 training batches)");
+      throw DataError(
+          file.string() + ": missing (CIFAR-10 has 5 training batches)");
     }
     train.push_back(file);
   }
@@ -228,7 +242,8 @@ inline Dataset load_cifar10(const fs::path& dir) {
 /// CIFAR-100 (fine labels) from `dir` (the extracted cifar-100-binary folder).
 inline Dataset load_cifar100(const fs::path& dir) {
   if (!has_cifar100(dir)) {
-    throw DataError(dir.string() + ": no CIFAR-100 binary files (train.bin, test.bin)");
+    throw DataError(
+        dir.string() + ": no CIFAR-100 binary files (train.bin, test.bin)");
   }
   Dataset dataset;
   dataset.name = "cifar100";
@@ -241,8 +256,11 @@ inline Dataset load_cifar100(const fs::path& dir) {
 
 /// Fashion-MNIST from `dir` (gzipped IDX files, as Debian installs them).
 inline Dataset load_fashion_mnist(const fs::path& dir = kFashionMnistDir) {
-  const char* files[] = {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"};
+  const char* files[] = {
+      "train-images-idx3-ubyte.gz",
+      "train-labels-idx1-ubyte.gz",
+      "t10k-images-idx3-ubyte.gz",
+      "t10k-labels-idx1-ubyte.gz"};
   for (const char* file : files) {
     if (!fs::exists(dir / file)) {
       throw DataError(
@@ -262,7 +280,9 @@ inline Dataset load_fashion_mnist(const fs::path& dir = kFashionMnistDir) {
 /// Loads `name` ("auto", "cifar10", "cifar100", "fashion-mnist"). "auto"
 /// means CIFAR-10 when `data_dir` holds it, else Fashion-MNIST from
 /// `data_dir` if it holds it, else from Debian's location.
-inline Dataset load_dataset(const std::string& name, const std::string& data_dir) {
+inline Dataset load_dataset(
+    const std::string& name,
+    const std::string& data_dir) {
   if (!data_dir.empty() && !fs::is_directory(data_dir)) {
     throw DataError("--data-dir " + data_dir + ": no such directory");
   }
@@ -279,13 +299,15 @@ inline Dataset load_dataset(const std::string& name, const std::string& data_dir
     if (!data_dir.empty() && has_cifar10(data_dir)) {
       return load_cifar10(data_dir);
     }
-    if (!data_dir.empty() && fs::exists(fs::path(data_dir) / "train-images-idx3-ubyte.gz")) {
+    if (!data_dir.empty() &&
+        fs::exists(fs::path(data_dir) / "train-images-idx3-ubyte.gz")) {
       return load_fashion_mnist(data_dir);
     }
     return load_fashion_mnist(kFashionMnistDir);
   }
   throw DataError(
-      "unknown dataset '" + name + "'; expected auto, cifar10, cifar100 or fashion-mnist");
+      "unknown dataset '" + name +
+      "'; expected auto, cifar10, cifar100 or fashion-mnist");
 }
 
 /// A batch as float images normalised per channel, with CIFAR-style
@@ -297,21 +319,25 @@ inline torch::Tensor make_batch(
     const torch::Tensor& indices,
     bool augment,
     torch::Generator* generator) {
-  auto images = split.images.index_select(0, indices).to(torch::kFloat32).div_(255.0);
-  images = (images - dataset.mean.view({1, -1, 1, 1})) / dataset.std.view({1, -1, 1, 1});
+  auto images =
+      split.images.index_select(0, indices).to(torch::kFloat32).div_(255.0);
+  images = (images - dataset.mean.view({1, -1, 1, 1})) /
+      dataset.std.view({1, -1, 1, 1});
   if (!augment) {
     return images;
   }
   const int64_t n = images.size(0), h = images.size(2), w = images.size(3);
   constexpr int64_t kPad = 4;
   auto padded = torch::constant_pad_nd(images, {kPad, kPad, kPad, kPad}, 0.0);
-  auto offsets = torch::randint(0, 2 * kPad + 1, {n, 2}, *generator, torch::kInt64);
+  auto offsets =
+      torch::randint(0, 2 * kPad + 1, {n, 2}, *generator, torch::kInt64);
   auto flips = torch::randint(0, 2, {n}, *generator, torch::kInt64);
   auto out = torch::empty_like(images);
   auto offsets_a = offsets.accessor<int64_t, 2>();
   auto flips_a = flips.accessor<int64_t, 1>();
   for (int64_t i = 0; i < n; ++i) {
-    auto crop = padded[i].narrow(1, offsets_a[i][0], h).narrow(2, offsets_a[i][1], w);
+    auto crop =
+        padded[i].narrow(1, offsets_a[i][0], h).narrow(2, offsets_a[i][1], w);
     out[i].copy_(flips_a[i] ? crop.flip({2}) : crop);
   }
   return out;

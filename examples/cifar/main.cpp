@@ -42,48 +42,112 @@ int main(int argc, char** argv) {
     return 2;
   }
 
-  CLI::App app{"Train a torchrev model zoo network on CIFAR-10/100 or Fashion-MNIST."};
-  app.add_option("--model", config.model, "revnet_mini, revnet38, revnet110, revnet164, resnet32, resnet110, resnet164")
+  CLI::App app{
+      "Train a torchrev model zoo network on CIFAR-10/100 or Fashion-MNIST."};
+  app.add_option(
+         "--model",
+         config.model,
+         "revnet_mini, revnet38, revnet110, revnet164, resnet32, resnet110, resnet164")
       ->capture_default_str();
-  app.add_option("--dataset", config.dataset, "auto, cifar10, cifar100 or fashion-mnist")
+  app.add_option(
+         "--dataset",
+         config.dataset,
+         "auto, cifar10, cifar100 or fashion-mnist")
       ->capture_default_str();
-  app.add_option("--data-dir", config.data_dir, "folder with the data set files (never downloaded)");
-  app.add_option("--epochs", config.epochs, "epochs to train (0: use --max-steps)")->capture_default_str();
-  app.add_option("--max-steps", config.max_steps, "stop after this many steps (0: use --epochs; both 0: 1200)")
+  app.add_option(
+      "--data-dir",
+      config.data_dir,
+      "folder with the data set files (never downloaded)");
+  app.add_option(
+         "--epochs", config.epochs, "epochs to train (0: use --max-steps)")
       ->capture_default_str();
-  app.add_option("--batch-size", config.batch_size, "images per step (per rank)")->capture_default_str();
-  app.add_option("--lr", config.lr, "peak learning rate")->capture_default_str();
-  app.add_option("--schedule", config.schedule, "learning-rate schedule: step, cosine or onecycle")
+  app.add_option(
+         "--max-steps",
+         config.max_steps,
+         "stop after this many steps (0: use --epochs; both 0: 1200)")
       ->capture_default_str();
-  app.add_option("--momentum", config.momentum, "SGD momentum")->capture_default_str();
-  app.add_option("--weight-decay", config.weight_decay, "SGD weight decay")->capture_default_str();
-  app.add_option("--threads", config.threads, "intra-op threads (0: LibTorch's default)")
+  app.add_option(
+         "--batch-size", config.batch_size, "images per step (per rank)")
       ->capture_default_str();
-  app.add_option("--seed", config.seed, "seed for initialisation, shuffling and augmentation")
+  app.add_option("--lr", config.lr, "peak learning rate")
       ->capture_default_str();
-  app.add_option("--device", config.device, "cpu or cuda")->capture_default_str();
-  app.add_option("--eval-every", config.eval_every, "evaluate on the test set every N steps (0: at the end)")
+  app.add_option(
+         "--schedule",
+         config.schedule,
+         "learning-rate schedule: step, cosine or onecycle")
       ->capture_default_str();
-  app.add_option("--log-every", config.log_every, "a progress line / metrics row every N steps (0: ~20 per run)")
+  app.add_option("--momentum", config.momentum, "SGD momentum")
       ->capture_default_str();
-  app.add_option("--metrics", config.metrics, "write metrics rows to this CSV file");
-  app.add_option("--checkpoint", config.checkpoint, "checkpoint file (written atomically)");
-  app.add_option("--checkpoint-every", config.checkpoint_every, "checkpoint every N steps (0: at each evaluation)")
+  app.add_option("--weight-decay", config.weight_decay, "SGD weight decay")
+      ->capture_default_str();
+  app.add_option(
+         "--threads",
+         config.threads,
+         "intra-op threads (0: LibTorch's default)")
+      ->capture_default_str();
+  app.add_option(
+         "--seed",
+         config.seed,
+         "seed for initialisation, shuffling and augmentation")
+      ->capture_default_str();
+  app.add_option("--device", config.device, "cpu or cuda")
+      ->capture_default_str();
+  app.add_option(
+         "--eval-every",
+         config.eval_every,
+         "evaluate on the test set every N steps (0: at the end)")
+      ->capture_default_str();
+  app.add_option(
+         "--log-every",
+         config.log_every,
+         "a progress line / metrics row every N steps (0: ~20 per run)")
+      ->capture_default_str();
+  app.add_option(
+      "--metrics", config.metrics, "write metrics rows to this CSV file");
+  app.add_option(
+      "--checkpoint",
+      config.checkpoint,
+      "checkpoint file (written atomically)");
+  app.add_option(
+         "--checkpoint-every",
+         config.checkpoint_every,
+         "checkpoint every N steps (0: at each evaluation)")
       ->capture_default_str();
   app.add_flag("--resume", config.resume, "continue from --checkpoint");
-  app.add_option("--stop-after", config.stop_after, "stop after this step as if interrupted (0: never)")
+  app.add_option(
+         "--stop-after",
+         config.stop_after,
+         "stop after this step as if interrupted (0: never)")
       ->capture_default_str();
-  app.add_option("--augment", config.augment, "auto (CIFAR only), on or off")->capture_default_str();
-  app.add_option("--channels-last", config.channels_last,
-                 "channels-last (NHWC) tensors, much faster convolutions on CPU")
+  app.add_option("--augment", config.augment, "auto (CIFAR only), on or off")
+      ->capture_default_str();
+  app.add_option(
+         "--channels-last",
+         config.channels_last,
+         "channels-last (NHWC) tensors, much faster convolutions on CPU")
       ->capture_default_str();
   app.add_flag("--quiet", config.quiet, "no progress output");
-  app.add_option("--world-size", dist.world_size, "number of processes (env WORLD_SIZE)")->capture_default_str();
-  app.add_option("--rank", dist.rank, "this process's rank (env RANK)")->capture_default_str();
-  app.add_option("--master-addr", dist.master_addr, "rank 0's address (env MASTER_ADDR)")->capture_default_str();
-  app.add_option("--master-port", dist.master_port, "rank 0's port (env MASTER_PORT)")->capture_default_str();
+  app.add_option(
+         "--world-size",
+         dist.world_size,
+         "number of processes (env WORLD_SIZE)")
+      ->capture_default_str();
+  app.add_option("--rank", dist.rank, "this process's rank (env RANK)")
+      ->capture_default_str();
+  app.add_option(
+         "--master-addr",
+         dist.master_addr,
+         "rank 0's address (env MASTER_ADDR)")
+      ->capture_default_str();
+  app.add_option(
+         "--master-port", dist.master_port, "rank 0's port (env MASTER_PORT)")
+      ->capture_default_str();
   double timeout_s = dist.timeout.count() / 1000.0;
-  app.add_option("--dist-timeout", timeout_s, "seconds to wait for peers before failing")->capture_default_str();
+  app.add_option(
+         "--dist-timeout",
+         timeout_s,
+         "seconds to wait for peers before failing")
+      ->capture_default_str();
 
   try {
     app.parse(argc, argv);
@@ -94,30 +158,44 @@ int main(int argc, char** argv) {
     }
     return app.exit(e); // --help
   }
-  dist.timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
+  dist.timeout =
+      std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
 
   try {
     cifar::Trainer trainer(config);
     const auto& data = trainer.dataset();
     if (trainer.is_main_rank()) {
-      fmt::print(stderr,
+      fmt::print(
+          stderr,
           "cifar_train: dataset {} ({} train / {} test images{}), model {} "
           "({} parameters), {} steps of {} images{}\n",
-          data.name, data.train.size(), data.test.size(),
+          data.name,
+          data.train.size(),
+          data.test.size(),
           config.dataset == "auto" ? ", chosen by --dataset auto" : "",
-          config.model, torchrev::models::parameter_count(*trainer.model()),
-          trainer.total_steps(), config.batch_size,
-          dist.enabled() ? fmt::format(" per rank on {} ranks", dist.world_size) : "");
+          config.model,
+          torchrev::models::parameter_count(*trainer.model()),
+          trainer.total_steps(),
+          config.batch_size,
+          dist.enabled() ? fmt::format(" per rank on {} ranks", dist.world_size)
+                         : "");
     }
     const auto result = trainer.run();
     if (trainer.is_main_rank() && result.steps == trainer.total_steps()) {
       fmt::print("test_accuracy={:.4f}\n", result.test_accuracy);
       fmt::print("peak_memory_bytes={}\n", result.peak_memory_bytes);
-      fmt::print(stderr, "cifar_train: {} steps in {:.1f} s\n", result.steps, result.seconds);
+      fmt::print(
+          stderr,
+          "cifar_train: {} steps in {:.1f} s\n",
+          result.steps,
+          result.seconds);
     }
     fmt::print("param_checksum={:.10e}\n", result.param_checksum);
   } catch (const c10::Error& e) {
-    fmt::print(stderr, "cifar_train: error: {}\n", first_line(e.what_without_backtrace()));
+    fmt::print(
+        stderr,
+        "cifar_train: error: {}\n",
+        first_line(e.what_without_backtrace()));
     return 1;
   } catch (const std::exception& e) {
     fmt::print(stderr, "cifar_train: error: {}\n", first_line(e.what()));

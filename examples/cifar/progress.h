@@ -37,24 +37,45 @@ class Progress {
     if (silent_ || (!tty_ && !log_line && test_acc < 0)) {
       return;
     }
-    const double elapsed = std::chrono::duration<double>(
-        std::chrono::steady_clock::now() - start_).count();
+    const double elapsed =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_)
+            .count();
     const double eta = step > start_step_
         ? elapsed / double(step - start_step_) * double(total_ - step)
         : 0.0;
-    const std::string test = test_acc >= 0 ? fmt::format(" test_acc {:.4f}", test_acc) : "";
+    const std::string test =
+        test_acc >= 0 ? fmt::format(" test_acc {:.4f}", test_acc) : "";
     if (tty_) {
       constexpr int kWidth = 30;
       const int filled = int(kWidth * step / std::max<int64_t>(total_, 1));
-      fmt::print(stderr, "\r[{}{}] step {}/{} epoch {} loss {:.4f} acc {:.3f} {:.0f} img/s ETA {}{}\x1b[K",
-          std::string(filled, '='), std::string(kWidth - filled, ' '), step, total_,
-          epoch, loss, train_acc, images_per_s, format_duration(eta), test);
+      fmt::print(
+          stderr,
+          "\r[{}{}] step {}/{} epoch {} loss {:.4f} acc {:.3f} {:.0f} img/s ETA {}{}\x1b[K",
+          std::string(filled, '='),
+          std::string(kWidth - filled, ' '),
+          step,
+          total_,
+          epoch,
+          loss,
+          train_acc,
+          images_per_s,
+          format_duration(eta),
+          test);
       if (test_acc >= 0) {
         fmt::print(stderr, "\n");
       }
     } else {
-      fmt::print(stderr, "step {}/{} epoch {} loss {:.4f} train_acc {:.4f} images/s {:.0f} eta {}{}\n",
-          step, total_, epoch, loss, train_acc, images_per_s, format_duration(eta), test);
+      fmt::print(
+          stderr,
+          "step {}/{} epoch {} loss {:.4f} train_acc {:.4f} images/s {:.0f} eta {}{}\n",
+          step,
+          total_,
+          epoch,
+          loss,
+          train_acc,
+          images_per_s,
+          format_duration(eta),
+          test);
     }
     std::fflush(stderr);
   }

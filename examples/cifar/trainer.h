@@ -76,7 +76,9 @@ inline double param_checksum(const torch::nn::Module& model) {
   int64_t k = 0;
   for (const auto& p : model.parameters()) {
     auto flat = p.detach().to(torch::kCPU, torch::kFloat64).flatten();
-    auto weights = torch::arange(flat.numel(), torch::kFloat64).remainder_(97).add_(1.0 + k);
+    auto weights = torch::arange(flat.numel(), torch::kFloat64)
+                       .remainder_(97)
+                       .add_(1.0 + k);
     sum += (flat * weights).sum().item<double>();
     ++k;
   }
@@ -84,7 +86,10 @@ inline double param_checksum(const torch::nn::Module& model) {
 }
 
 /// Learning rate at `step` of `total` for the schedule.
-inline double learning_rate(const TrainConfig& config, int64_t step, int64_t total) {
+inline double learning_rate(
+    const TrainConfig& config,
+    int64_t step,
+    int64_t total) {
   const double t = total > 1 ? double(step) / double(total - 1) : 1.0;
   const double pi = 3.14159265358979323846;
   if (config.schedule == "step") {
@@ -98,7 +103,8 @@ inline double learning_rate(const TrainConfig& config, int64_t step, int64_t tot
   constexpr double kWarmup = 0.3;
   const double start = config.lr / 25.0, end = config.lr / 1e4;
   if (t < kWarmup) {
-    return start + (config.lr - start) * 0.5 * (1.0 - std::cos(pi * t / kWarmup));
+    return start +
+        (config.lr - start) * 0.5 * (1.0 - std::cos(pi * t / kWarmup));
   }
   const double u = (t - kWarmup) / (1.0 - kWarmup);
   return end + (config.lr - end) * 0.5 * (1.0 + std::cos(pi * u));
@@ -147,10 +153,12 @@ class Trainer {
     if (config_.threads > 0) {
       torch::set_num_threads(config_.threads);
     }
-    device_ = torch::Device(config_.device == "cuda" ? torch::kCUDA : torch::kCPU);
+    device_ =
+        torch::Device(config_.device == "cuda" ? torch::kCUDA : torch::kCPU);
     if (device_.is_cuda()) {
       if (!torch::cuda::is_available()) {
-        throw std::invalid_argument("--device cuda: no CUDA device is available");
+        throw std::invalid_argument(
+            "--device cuda: no CUDA device is available");
       }
     }
     dataset_ = load_dataset(config_.dataset, config_.data_dir);
@@ -178,12 +186,14 @@ class Trainer {
     if (steps_per_epoch_ == 0) {
       throw std::invalid_argument(fmt::format(
           "--batch-size {} is larger than the {} training images per rank",
-          config_.batch_size, shard));
+          config_.batch_size,
+          shard));
     }
     total_steps_ = config_.max_steps;
     if (config_.epochs > 0) {
       const int64_t by_epochs = config_.epochs * steps_per_epoch_;
-      total_steps_ = total_steps_ > 0 ? std::min(total_steps_, by_epochs) : by_epochs;
+      total_steps_ =
+          total_steps_ > 0 ? std::min(total_steps_, by_epochs) : by_epochs;
     }
     if (total_steps_ == 0) {
       total_steps_ = kDefaultSteps;
@@ -193,7 +203,8 @@ class Trainer {
     }
     if (config_.distributed.enabled()) {
       // After loading: every rank starts from rank 0's parameters.
-      parallel_ = std::make_unique<DataParallel>(config_.distributed, *model_, device_);
+      parallel_ =
+          std::make_unique<DataParallel>(config_.distributed, *model_, device_);
     }
   }
 
@@ -265,16 +276,26 @@ class Trainer {
       if (eval_now && is_main_rank()) {
         test_acc = evaluate();
       }
-      const double seconds = std::chrono::duration<double>(
-          std::chrono::steady_clock::now() - window_start).count();
+      const double seconds =
+          std::chrono::duration<double>(
+              std::chrono::steady_clock::now() - window_start)
+              .count();
       const double ips = double(window_seen) * config_.distributed.world_size /
           std::max(seconds, 1e-9);
       const double mean_loss = window_loss / double(window_steps);
       const double train_acc = double(window_correct) / double(window_seen);
-      progress.update(step_, epoch, mean_loss, train_acc, ips, test_acc, log_now);
+      progress.update(
+          step_, epoch, mean_loss, train_acc, ips, test_acc, log_now);
       if (log_now || eval_now) {
-        rows_.push_back(Row{step_, epoch, mean_loss, train_acc, test_acc, lr,
-                            ips, peak_memory()});
+        rows_.push_back(
+            Row{step_,
+                epoch,
+                mean_loss,
+                train_acc,
+                test_acc,
+                lr,
+                ips,
+                peak_memory()});
         window_loss = 0.0;
         window_correct = window_seen = window_steps = 0;
         window_start = std::chrono::steady_clock::now();
@@ -294,16 +315,20 @@ class Trainer {
       write_metrics();
     }
     if (step_ == total_steps_ && is_main_rank()) {
-      result.test_accuracy = last_test_accuracy_ >= 0 ? last_test_accuracy_ : evaluate();
+      result.test_accuracy =
+          last_test_accuracy_ >= 0 ? last_test_accuracy_ : evaluate();
     }
     // A run stopped by --stop-after behaves as if killed: no final save.
-    if (!config_.checkpoint.empty() && is_main_rank() && step_ == total_steps_) {
+    if (!config_.checkpoint.empty() && is_main_rank() &&
+        step_ == total_steps_) {
       save_checkpoint();
     }
     result.steps = step_;
     result.peak_memory_bytes = peak_memory();
     result.param_checksum = param_checksum(*model_);
-    result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    result.seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+            .count();
     return result;
   }
 
@@ -317,9 +342,11 @@ class Trainer {
     for (int64_t begin = 0; begin < test.size(); begin += kEvalBatch) {
       const int64_t n = std::min(kEvalBatch, test.size() - begin);
       auto indices = torch::arange(begin, begin + n, torch::kInt64);
-      auto images = to_device(make_batch(dataset_, test, indices, false, nullptr));
+      auto images =
+          to_device(make_batch(dataset_, test, indices, false, nullptr));
       auto labels = test.labels.narrow(0, begin, n).to(device_);
-      correct += model_->forward(images).argmax(1).eq(labels).sum().item<int64_t>();
+      correct +=
+          model_->forward(images).argmax(1).eq(labels).sum().item<int64_t>();
     }
     model_->train();
     last_test_accuracy_ = double(correct) / double(test.size());
@@ -343,26 +370,34 @@ class Trainer {
       for (const auto& n : names) {
         valid += (valid.empty() ? "" : ", ") + n;
       }
-      fail("--model " + config_.model + ": unknown model; expected one of " + valid);
+      fail(
+          "--model " + config_.model + ": unknown model; expected one of " +
+          valid);
     }
     if (config_.schedule != "step" && config_.schedule != "cosine" &&
         config_.schedule != "onecycle") {
-      fail("--schedule " + config_.schedule + ": expected step, cosine or onecycle");
+      fail(
+          "--schedule " + config_.schedule +
+          ": expected step, cosine or onecycle");
     }
     if (config_.device != "cpu" && config_.device != "cuda") {
       fail("--device " + config_.device + ": expected cpu or cuda");
     }
-    if (config_.augment != "auto" && config_.augment != "on" && config_.augment != "off") {
+    if (config_.augment != "auto" && config_.augment != "on" &&
+        config_.augment != "off") {
       fail("--augment " + config_.augment + ": expected auto, on or off");
     }
-    if (config_.batch_size <= 0 || config_.epochs < 0 || config_.max_steps < 0 ||
-        config_.eval_every < 0 || config_.lr <= 0.0) {
-      fail("--batch-size and --lr must be positive; --epochs, --max-steps and --eval-every non-negative");
+    if (config_.batch_size <= 0 || config_.epochs < 0 ||
+        config_.max_steps < 0 || config_.eval_every < 0 || config_.lr <= 0.0) {
+      fail(
+          "--batch-size and --lr must be positive; --epochs, --max-steps and --eval-every non-negative");
     }
     if ((config_.dataset == "cifar10" || config_.dataset == "cifar100") &&
         config_.data_dir.empty()) {
-      fail("--dataset " + config_.dataset + " needs --data-dir (the folder "
-           "with the binary files; nothing is downloaded)");
+      fail(
+          "--dataset " + config_.dataset +
+          " needs --data-dir (the folder "
+          "with the binary files; nothing is downloaded)");
     }
     for (const auto& [flag, path] :
          {std::pair<std::string, std::string>{"--metrics", config_.metrics},
@@ -388,19 +423,26 @@ class Trainer {
     const int64_t epoch = step / steps_per_epoch_;
     if (epoch != order_epoch_) {
       order_ = shard_indices(
-          dataset_.train.size(), epoch, config_.seed,
-          config_.distributed.rank, config_.distributed.world_size);
+          dataset_.train.size(),
+          epoch,
+          config_.seed,
+          config_.distributed.rank,
+          config_.distributed.world_size);
       order_epoch_ = epoch;
     }
     const int64_t position = step % steps_per_epoch_;
     auto indices = torch::from_blob(
-        order_.data() + position * config_.batch_size, {config_.batch_size},
-        torch::kInt64).clone();
+                       order_.data() + position * config_.batch_size,
+                       {config_.batch_size},
+                       torch::kInt64)
+                       .clone();
     // Augmentation draws from a generator seeded by (seed, step, rank) only,
     // so a resumed run sees exactly the same batches.
     auto generator = at::make_generator<at::CPUGeneratorImpl>(
-        config_.seed * 1000003ULL + uint64_t(step) * 131ULL + uint64_t(config_.distributed.rank));
-    auto images = make_batch(dataset_, dataset_.train, indices, augment_, &generator);
+        config_.seed * 1000003ULL + uint64_t(step) * 131ULL +
+        uint64_t(config_.distributed.rank));
+    auto images =
+        make_batch(dataset_, dataset_.train, indices, augment_, &generator);
     auto labels = dataset_.train.labels.index_select(0, indices);
     return {to_device(images), labels.to(device_)};
   }
@@ -415,7 +457,8 @@ class Trainer {
 #ifdef TORCHREV_CUDA
     // The caching allocator's peak, as memory_bench reports on CUDA.
     if (device_.is_cuda()) {
-      const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device_.index() < 0 ? 0 : device_.index());
+      const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(
+          device_.index() < 0 ? 0 : device_.index());
       return static_cast<size_t>(stats.allocated_bytes[0].peak);
     }
 #endif
@@ -428,13 +471,20 @@ class Trainer {
       out << detail::csv_header() << "\n";
       for (const auto& r : rows_) {
         out << fmt::format(
-            "{},{},{:.9g},{:.6f},{},{:.6g},{:.1f},{}\n", r.step, r.epoch, r.loss,
-            r.train_acc, r.test_acc >= 0 ? fmt::format("{:.6f}", r.test_acc) : "",
-            r.lr, r.images_per_s, r.peak_memory);
+            "{},{},{:.9g},{:.6f},{},{:.6g},{:.1f},{}\n",
+            r.step,
+            r.epoch,
+            r.loss,
+            r.train_acc,
+            r.test_acc >= 0 ? fmt::format("{:.6f}", r.test_acc) : "",
+            r.lr,
+            r.images_per_s,
+            r.peak_memory);
       }
       out.flush();
       if (!out) {
-        throw std::runtime_error("cannot write metrics file " + config_.metrics);
+        throw std::runtime_error(
+            "cannot write metrics file " + config_.metrics);
       }
     });
   }
@@ -455,10 +505,13 @@ class Trainer {
       archive.write("rng", generator.get_state());
       std::ostringstream rows;
       for (const auto& r : rows_) {
-        rows << r.step << ' ' << r.epoch << ' ' << fmt::format("{:.17g}", r.loss) << ' '
-             << fmt::format("{:.17g}", r.train_acc) << ' ' << fmt::format("{:.17g}", r.test_acc)
-             << ' ' << fmt::format("{:.17g}", r.lr) << ' '
-             << fmt::format("{:.17g}", r.images_per_s) << ' ' << r.peak_memory << '\n';
+        rows << r.step << ' ' << r.epoch << ' '
+             << fmt::format("{:.17g}", r.loss) << ' '
+             << fmt::format("{:.17g}", r.train_acc) << ' '
+             << fmt::format("{:.17g}", r.test_acc) << ' '
+             << fmt::format("{:.17g}", r.lr) << ' '
+             << fmt::format("{:.17g}", r.images_per_s) << ' ' << r.peak_memory
+             << '\n';
       }
       archive.write("metrics", c10::IValue(rows.str()));
       archive.save_to(tmp);
@@ -471,13 +524,19 @@ class Trainer {
     try {
       archive.load_from(path);
     } catch (const c10::Error& e) {
-      throw std::runtime_error("cannot read checkpoint " + path + ": not a cifar_train checkpoint or corrupt");
+      throw std::runtime_error(
+          "cannot read checkpoint " + path +
+          ": not a cifar_train checkpoint or corrupt");
     }
     c10::IValue model_name, dataset_name, step, total, metrics;
-    if (!archive.try_read("model_name", model_name) || !archive.try_read("step", step) ||
-        !archive.try_read("dataset", dataset_name) || !archive.try_read("total_steps", total) ||
+    if (!archive.try_read("model_name", model_name) ||
+        !archive.try_read("step", step) ||
+        !archive.try_read("dataset", dataset_name) ||
+        !archive.try_read("total_steps", total) ||
         !archive.try_read("metrics", metrics)) {
-      throw std::runtime_error("cannot read checkpoint " + path + ": missing fields (not a cifar_train checkpoint)");
+      throw std::runtime_error(
+          "cannot read checkpoint " + path +
+          ": missing fields (not a cifar_train checkpoint)");
     }
     if (model_name.toStringRef() != config_.model) {
       throw std::runtime_error(
@@ -486,14 +545,16 @@ class Trainer {
     }
     if (dataset_name.toStringRef() != dataset_.name) {
       throw std::runtime_error(
-          "checkpoint " + path + " was trained on " + dataset_name.toStringRef() +
-          ", but this run uses " + dataset_.name);
+          "checkpoint " + path + " was trained on " +
+          dataset_name.toStringRef() + ", but this run uses " + dataset_.name);
     }
     if (total.toInt() != total_steps_) {
       throw std::runtime_error(fmt::format(
           "checkpoint {} belongs to a run of {} steps, but this run has {}; "
           "resume with the same --epochs/--max-steps/--batch-size",
-          path, total.toInt(), total_steps_));
+          path,
+          total.toInt(),
+          total_steps_));
     }
     torch::serialize::InputArchive model_archive, optimizer_archive;
     archive.read("model", model_archive);
@@ -507,8 +568,8 @@ class Trainer {
     step_ = step.toInt();
     std::istringstream rows(metrics.toStringRef());
     Row r{};
-    while (rows >> r.step >> r.epoch >> r.loss >> r.train_acc >> r.test_acc >> r.lr >>
-           r.images_per_s >> r.peak_memory) {
+    while (rows >> r.step >> r.epoch >> r.loss >> r.train_acc >> r.test_acc >>
+           r.lr >> r.images_per_s >> r.peak_memory) {
       rows_.push_back(r);
     }
   }

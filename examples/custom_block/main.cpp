@@ -19,12 +19,20 @@ constexpr int64_t kSide = 32;
 struct ConvBlockImpl : torchrev::RevBlockBase {
   ConvBlockImpl() {
     const int64_t half = kChannels / 2;
-    f = register_module("f", torch::nn::Sequential(
-        torch::nn::BatchNorm2d(half), torch::nn::ReLU(),
-        torch::nn::Conv2d(torch::nn::Conv2dOptions(half, half, 3).padding(1))));
-    g = register_module("g", torch::nn::Sequential(
-        torch::nn::BatchNorm2d(half), torch::nn::ReLU(),
-        torch::nn::Conv2d(torch::nn::Conv2dOptions(half, half, 3).padding(1))));
+    f = register_module(
+        "f",
+        torch::nn::Sequential(
+            torch::nn::BatchNorm2d(half),
+            torch::nn::ReLU(),
+            torch::nn::Conv2d(
+                torch::nn::Conv2dOptions(half, half, 3).padding(1))));
+    g = register_module(
+        "g",
+        torch::nn::Sequential(
+            torch::nn::BatchNorm2d(half),
+            torch::nn::ReLU(),
+            torch::nn::Conv2d(
+                torch::nn::Conv2dOptions(half, half, 3).padding(1))));
   }
   torch::Tensor forward_f(const torch::Tensor& x2) override {
     return f->forward(x2);
@@ -37,7 +45,10 @@ struct ConvBlockImpl : torchrev::RevBlockBase {
 TORCH_MODULE(ConvBlock);
 
 /// Peak bytes allocated by one training step above what was allocated before.
-size_t step_peak(torchrev::RevSequential& stage, const torch::Tensor& x, bool reversible) {
+size_t step_peak(
+    torchrev::RevSequential& stage,
+    const torch::Tensor& x,
+    bool reversible) {
   auto& meter = torchrev::CPUMemoryMeter::instance();
   const size_t before = meter.current_bytes();
   meter.reset_peak();
@@ -64,9 +75,18 @@ int main() {
   step_peak(stage, x, true); // warm-up: allocates the gradients
   const size_t reversible = step_peak(stage, x, true);
   const size_t plain = step_peak(stage, x, false);
-  fmt::print("{} blocks, input {}x{}x{}x{}\n", kDepth, kBatch, kChannels, kSide, kSide);
-  fmt::print("peak activation memory, reversible:     {:>10} bytes\n", reversible);
-  fmt::print("peak activation memory, plain autograd: {:>10} bytes ({:.1f}x)\n", plain,
-             double(plain) / double(reversible));
+  fmt::print(
+      "{} blocks, input {}x{}x{}x{}\n",
+      kDepth,
+      kBatch,
+      kChannels,
+      kSide,
+      kSide);
+  fmt::print(
+      "peak activation memory, reversible:     {:>10} bytes\n", reversible);
+  fmt::print(
+      "peak activation memory, plain autograd: {:>10} bytes ({:.1f}x)\n",
+      plain,
+      double(plain) / double(reversible));
   return 0;
 }

@@ -236,7 +236,8 @@ class CheckpointImpl : public torch::nn::Cloneable<CheckpointImpl> {
 
  private:
   using Forward = std::function<torch::Tensor(const torch::Tensor&)>;
-  using Binder = std::function<Forward(const std::shared_ptr<torch::nn::Module>&)>;
+  using Binder =
+      std::function<Forward(const std::shared_ptr<torch::nn::Module>&)>;
 
   CheckpointImpl(
       std::shared_ptr<torch::nn::Module> module,

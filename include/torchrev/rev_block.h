@@ -38,7 +38,8 @@ inline std::vector<torch::Tensor> trainable_parameters(
 ///
 /// Example:
 /// ```
-/// auto block = torchrev::RevBlock<torch::nn::Sequential, torch::nn::Sequential>(
+/// auto block = torchrev::RevBlock<torch::nn::Sequential,
+/// torch::nn::Sequential>(
 ///     f, g, torchrev::RevBlockOptions().split_dim(1));
 /// ```
 struct RevBlockOptions {
@@ -117,13 +118,17 @@ class RevBlockBase : public virtual torch::nn::Module {
   // autograd Function use; `where` names the block in error messages.
 
   /// Checks that `x` can be split into two equal halves along `split_dim`.
-  void check_splittable(const torch::Tensor& x, const std::string& where) const {
+  void check_splittable(const torch::Tensor& x, const std::string& where)
+      const {
     TORCH_CHECK(
-        x.defined(), where, ": expected a defined input tensor, but got an undefined one");
+        x.defined(),
+        where,
+        ": expected a defined input tensor, but got an undefined one");
     TORCH_CHECK(
         x.dim() >= 2,
         where,
-        ": expected an input with at least 2 dimensions (batch, channels, ...), but got a ",
+        ": expected an input with at least 2 dimensions (batch, channels, "
+        "...), but got a ",
         x.dim(),
         "-d tensor of shape ",
         x.sizes());
@@ -180,7 +185,9 @@ class RevBlockBase : public virtual torch::nn::Module {
   }
 
   /// The forward computation with input checks.
-  torch::Tensor forward_checked(const torch::Tensor& x, const std::string& where) {
+  torch::Tensor forward_checked(
+      const torch::Tensor& x,
+      const std::string& where) {
     check_splittable(x, where);
     auto [x1, x2] = split(x);
     auto y1 = x1 + checked_f(x2, where);
@@ -190,7 +197,9 @@ class RevBlockBase : public virtual torch::nn::Module {
 
   /// The inverse computation with input checks. Normalisation layers do not
   /// update their running statistics.
-  torch::Tensor inverse_checked(const torch::Tensor& y, const std::string& where) {
+  torch::Tensor inverse_checked(
+      const torch::Tensor& y,
+      const std::string& where) {
     check_splittable(y, where);
     detail::RecomputeGuard recompute(*this);
     auto [y1, y2] = split(y);
@@ -250,8 +259,10 @@ class RevBlockImpl : public RevBlockBase {
   std::shared_ptr<torch::nn::Module> clone(
       const torch::optional<torch::Device>& device =
           torch::nullopt) const override {
-    auto f_copy = std::dynamic_pointer_cast<typename F::ContainedType>(f->clone(device));
-    auto g_copy = std::dynamic_pointer_cast<typename G::ContainedType>(g->clone(device));
+    auto f_copy =
+        std::dynamic_pointer_cast<typename F::ContainedType>(f->clone(device));
+    auto g_copy =
+        std::dynamic_pointer_cast<typename G::ContainedType>(g->clone(device));
     return std::make_shared<RevBlockImpl>(F(f_copy), G(g_copy), options);
   }
 
@@ -275,7 +286,8 @@ class RevBlockImpl : public RevBlockBase {
 /// ```
 /// torch::nn::Sequential f(torch::nn::Linear(4, 4), torch::nn::Tanh());
 /// torch::nn::Sequential g(torch::nn::Linear(4, 4), torch::nn::Tanh());
-/// torchrev::RevBlock<torch::nn::Sequential, torch::nn::Sequential> block(f, g);
+/// torchrev::RevBlock<torch::nn::Sequential, torch::nn::Sequential> block(f,
+/// g);
 /// ```
 template <class F, class G>
 class RevBlock : public torch::nn::ModuleHolder<RevBlockImpl<F, G>> {

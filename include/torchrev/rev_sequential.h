@@ -205,7 +205,8 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
           torch::nullopt) const override {
     auto copy = std::make_shared<RevSequentialImpl>(options);
     for (const auto& block : blocks_) {
-      auto cloned = std::dynamic_pointer_cast<RevBlockBase>(block->clone(device));
+      auto cloned =
+          std::dynamic_pointer_cast<RevBlockBase>(block->clone(device));
       TORCH_CHECK(
           cloned != nullptr,
           "torchrev::RevSequential::clone: clone() of ",

@@ -46,8 +46,8 @@
 #include <torchrev/recompute.h>
 #include <torchrev/rev_block.h>
 
-#include <torch/autograd.h>
 #include <ATen/core/ivalue.h>
+#include <torch/autograd.h>
 #include <torch/types.h>
 
 #include <cstddef>
@@ -171,7 +171,8 @@ struct RevStageFunction : public torch::autograd::Function<RevStageFunction> {
     // returns, so their halves are views: dense copies would only add memory.
     RevBlockBase& last = *state->blocks[num_blocks - 1];
     Halves y = split_views(last, saved[0].detach(), state->names.back());
-    Halves dy = split_views(last, grad_outputs[0].detach(), state->names.back());
+    Halves dy =
+        split_views(last, grad_outputs[0].detach(), state->names.back());
     for (size_t i = num_blocks; i-- > 0;) {
       RevBlockBase& block = *state->blocks[i];
       const std::string& where = state->names[i];

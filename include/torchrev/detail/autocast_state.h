@@ -17,7 +17,8 @@ struct AutocastState {
 
   static AutocastState current() {
     AutocastState state;
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+#if TORCH_VERSION_MAJOR > 2 || \
+    (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
     state.cpu_enabled = at::autocast::is_autocast_enabled(at::kCPU);
     state.cuda_enabled = at::autocast::is_autocast_enabled(at::kCUDA);
     state.cpu_dtype = at::autocast::get_autocast_dtype(at::kCPU);
@@ -32,7 +33,8 @@ struct AutocastState {
   }
 
   void apply() const {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+#if TORCH_VERSION_MAJOR > 2 || \
+    (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
     at::autocast::set_autocast_enabled(at::kCPU, cpu_enabled);
     at::autocast::set_autocast_enabled(at::kCUDA, cuda_enabled);
     at::autocast::set_autocast_dtype(at::kCPU, cpu_dtype);

@@ -78,7 +78,8 @@ class CPUMemoryMeter final : public c10::Allocator {
     return budget_.load(std::memory_order_relaxed);
   }
 
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
+#if TORCH_VERSION_MAJOR > 2 || \
+    (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
   c10::DataPtr allocate(size_t nbytes) override {
     return allocate_counted(nbytes);
   }
@@ -130,8 +131,7 @@ class CPUMemoryMeter final : public c10::Allocator {
     }
     size_t peak = peak_.load(std::memory_order_relaxed);
     while (now > peak &&
-           !peak_.compare_exchange_weak(
-               peak, now, std::memory_order_relaxed)) {
+           !peak_.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
     }
     const size_t total =
         (kHeader + nbytes + kAlignment - 1) / kAlignment * kAlignment;

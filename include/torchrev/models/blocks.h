@@ -132,7 +132,11 @@ TORCH_MODULE(ResidualBlock);
 class RevTransitionBlockImpl
     : public torch::nn::Cloneable<RevTransitionBlockImpl> {
  public:
-  RevTransitionBlockImpl(bool bottleneck, int64_t in, int64_t out, int64_t stride)
+  RevTransitionBlockImpl(
+      bool bottleneck,
+      int64_t in,
+      int64_t out,
+      int64_t stride)
       : bottleneck_(bottleneck), in_(in), out_(out), stride_(stride) {
     TORCH_CHECK(
         in % 2 == 0 && out % 2 == 0,

@@ -112,8 +112,10 @@ void check_layout(const Options& options, const char* what) {
   for (auto n : options.units()) {
     TORCH_CHECK(n >= 1, what, ": every stage needs at least 1 unit, got ", n);
   }
-  TORCH_CHECK(options.in_channels() >= 1 && options.num_classes() >= 1,
-      what, ": in_channels and num_classes must be positive");
+  TORCH_CHECK(
+      options.in_channels() >= 1 && options.num_classes() >= 1,
+      what,
+      ": in_channels and num_classes must be positive");
 }
 
 template <class Options>
@@ -159,8 +161,7 @@ class ResNetImpl : public torch::nn::Cloneable<ResNetImpl>,
       stages->push_back(stage);
     }
     head = register_module("head", detail::pool_head(width));
-    fc = register_module(
-        "fc", torch::nn::Linear(width, options.num_classes()));
+    fc = register_module("fc", torch::nn::Linear(width, options.num_classes()));
   }
 
   torch::Tensor forward(const torch::Tensor& images) override {
@@ -220,8 +221,7 @@ class RevNetImpl : public torch::nn::Cloneable<RevNetImpl>,
       width = out;
     }
     head = register_module("head", detail::pool_head(width));
-    fc = register_module(
-        "fc", torch::nn::Linear(width, options.num_classes()));
+    fc = register_module("fc", torch::nn::Linear(width, options.num_classes()));
   }
 
   torch::Tensor forward(const torch::Tensor& images) override {
@@ -267,8 +267,8 @@ class RevNetImpl : public torch::nn::Cloneable<RevNetImpl>,
         return x;
       case StageMode::kCheckpointed: {
         const size_t n = stage.size();
-        const size_t segment = static_cast<size_t>(
-            std::ceil(std::sqrt(static_cast<double>(n))));
+        const size_t segment =
+            static_cast<size_t>(std::ceil(std::sqrt(static_cast<double>(n))));
         for (size_t begin = 0; begin < n; begin += segment) {
           const size_t end = std::min(n, begin + segment);
           std::vector<std::shared_ptr<torch::nn::Module>> modules;

@@ -38,8 +38,14 @@ struct ZooOptions {
 
 /// The names `create` accepts, in table order.
 inline std::vector<std::string> model_names() {
-  return {"resnet32", "resnet110", "resnet164", "revnet38", "revnet110",
-          "revnet164", "revnet_mini"};
+  return {
+      "resnet32",
+      "resnet110",
+      "resnet164",
+      "revnet38",
+      "revnet110",
+      "revnet164",
+      "revnet_mini"};
 }
 
 /// True for the names of RevNets.
@@ -74,13 +80,20 @@ inline std::shared_ptr<ImageClassifier> create(
             .mode(options.mode())
             .checkpoint_transitions(options.checkpoint_transitions()));
   };
-  if (name == "resnet32") return resnet({5, 5, 5}, false);
-  if (name == "resnet110") return resnet({18, 18, 18}, false);
-  if (name == "resnet164") return resnet({18, 18, 18}, true);
-  if (name == "revnet38") return revnet({3, 3, 3}, {32, 32, 64, 112}, false);
-  if (name == "revnet110") return revnet({9, 9, 9}, {32, 32, 64, 128}, false);
-  if (name == "revnet164") return revnet({9, 9, 9}, {32, 32, 64, 128}, true);
-  if (name == "revnet_mini") return revnet({1, 2, 2}, {16, 16, 32, 64}, false);
+  if (name == "resnet32")
+    return resnet({5, 5, 5}, false);
+  if (name == "resnet110")
+    return resnet({18, 18, 18}, false);
+  if (name == "resnet164")
+    return resnet({18, 18, 18}, true);
+  if (name == "revnet38")
+    return revnet({3, 3, 3}, {32, 32, 64, 112}, false);
+  if (name == "revnet110")
+    return revnet({9, 9, 9}, {32, 32, 64, 128}, false);
+  if (name == "revnet164")
+    return revnet({9, 9, 9}, {32, 32, 64, 128}, true);
+  if (name == "revnet_mini")
+    return revnet({1, 2, 2}, {16, 16, 32, 64}, false);
   std::string valid;
   for (const auto& n : model_names()) {
     valid += (valid.empty() ? "" : ", ") + n;
