@@ -25,6 +25,6 @@ set y2label "step time (s)"
 set ytics nomirror
 set y2tics
 set xlabel ""
-set key top right
+set key top left
 plot "zoo.tsv" using 2:xtic(1) title "peak activation MiB" axes x1y1, \
      "" using 3 title "step seconds" axes x1y2

@@ -159,10 +159,15 @@ class RevBlockBase : public virtual torch::nn::Module {
     return dim < 0 ? dim + x.dim() : dim;
   }
 
-  /// Splits `x` into the halves (x1, x2), as views of `x`.
+  /// Splits `x` into the halves (x1, x2), each dense in `x`'s memory format.
+  /// A half along the channels is a strided view, on which BatchNorm and
+  /// convolutions take slow paths and make (and keep) dense copies of their
+  /// own; copying once here is faster and, with plain autograd, measured to
+  /// use less memory (benchmarks/results).
   std::pair<torch::Tensor, torch::Tensor> split(const torch::Tensor& x) const {
+    const auto format = x.suggest_memory_format();
     auto halves = x.chunk(2, split_dim(x));
-    return {std::move(halves[0]), std::move(halves[1])};
+    return {halves[0].contiguous(format), halves[1].contiguous(format)};
   }
 
   /// Joins (a, b) along the split dimension.

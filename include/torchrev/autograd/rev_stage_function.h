@@ -279,18 +279,15 @@ struct RevStageFunction : public torch::autograd::Function<RevStageFunction> {
     return Halves{std::move(halves[0]), std::move(halves[1]), dim};
   }
 
-  /// Halves that are dense in `t`'s memory format (a half along the
-  /// channels is a strided view, on which convolutions take slow paths).
+  /// Halves that are dense in `t`'s memory format (see RevBlockBase::split).
   /// Used where `t` is about to be dropped, so the copies are transient.
   static Halves split_checked(
       const RevBlockBase& block,
       const torch::Tensor& t,
       const std::string& where) {
     block.check_splittable(t, where);
-    const auto format = t.suggest_memory_format();
     auto [a, b] = block.split(t);
-    return Halves{
-        a.contiguous(format), b.contiguous(format), block.split_dim(t)};
+    return Halves{std::move(a), std::move(b), block.split_dim(t)};
   }
 
   /// `h` split the way `block` splits: unchanged when the previous block
