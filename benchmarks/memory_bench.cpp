@@ -141,7 +141,6 @@ class Meter {
 struct Runner {
   torch::Device device{torch::kCPU};
   bool channels_last = true;
-  int64_t steps = 3;
 
   /// Builds the model, runs a warm-up step and `steps` timed steps; appends
   /// to `sample`. Throws c10::OutOfMemoryError past a budget.
@@ -199,9 +198,7 @@ struct Runner {
     auto& cpu = torchrev::CPUMemoryMeter::instance();
     auto fits = [&](int64_t batch) {
       c.batch = batch;
-      Sample ignored;
       // Build and warm up under no budget, then enforce it for one step.
-      Meter meter(device);
       torch::manual_seed(0);
       auto model = build(c);
       if (channels_last) {
