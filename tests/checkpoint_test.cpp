@@ -81,6 +81,28 @@ TEST(Checkpoint, AutogradGradAndHooksSeeEachParameterOnce) {
   }
 }
 
+TEST(Checkpoint, AHookThatDoublesGradientsGivesTwicePlainAutogradsGradients) {
+  torch::manual_seed(53);
+  auto net = conv_net(0.0);
+  net->to(torch::kFloat64);
+  auto reference = torch::nn::Sequential(
+      std::dynamic_pointer_cast<torch::nn::SequentialImpl>(net->clone()));
+  auto params = net->parameters();
+  for (auto& p : params) {
+    p.register_hook([](const torch::Tensor& g) { return g * 2; });
+  }
+  auto counts = count_accumulator_runs(params);
+  auto x = torch::randn({2, 2, 7, 7}, torch::kFloat64);
+  torchrev::checkpoint(net, x).pow(2).sum().backward();
+  reference->forward(x).pow(2).sum().backward();
+  auto ref_params = reference->parameters();
+  for (size_t i = 0; i < params.size(); ++i) {
+    SCOPED_TRACE("parameter " + std::to_string(i));
+    EXPECT_CLOSE(params[i].grad(), 2 * ref_params[i].grad(), 1e-9);
+    EXPECT_EQ(*counts.runs[i], 1);
+  }
+}
+
 TEST(Checkpoint, UnderNoGradItStoresNothing) {
   auto net = conv_net(0.0);
   auto x = torch::randn({2, 2, 9, 9}, torch::requires_grad());

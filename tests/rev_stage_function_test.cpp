@@ -114,6 +114,41 @@ TEST(RevStageFunction, EachParameterHookFiresOncePerBackward) {
   }
 }
 
+TEST(
+    RevStageFunction,
+    AHookThatDoublesGradientsGivesTwicePlainAutogradsGradients) {
+  // LibTorch 2.x runs a leaf's hooks when the leaf is an input of
+  // autograd::grad; were the recompute's inner grad call to run them, each
+  // gradient would be doubled twice.
+  torch::manual_seed(13);
+  auto stage = conv_stage(3, 2);
+  stage->to(torch::kFloat64);
+  auto reference = copy_of(stage);
+  for (auto& p : stage->parameters()) {
+    p.register_hook([](const torch::Tensor& grad) { return grad * 2; });
+  }
+  auto x = torch::randn({3, 4, 5, 5}, torch::kFloat64);
+  auto rev = run_step(stage, x, true);
+  auto plain = run_step(reference, x, false);
+  EXPECT_CLOSE(rev.grad_x, plain.grad_x, kTol);
+  ASSERT_EQ(rev.param_grads.size(), plain.param_grads.size());
+  for (size_t i = 0; i < rev.param_grads.size(); ++i) {
+    SCOPED_TRACE("parameter " + std::to_string(i));
+    EXPECT_CLOSE(rev.param_grads[i], 2 * plain.param_grads[i], kTol);
+  }
+}
+
+TEST(RevStageFunction, GradientAccumulatorPostHooksFireOncePerBackward) {
+  torch::manual_seed(14);
+  auto stage = conv_stage(3, 2);
+  auto counts = count_accumulator_runs(stage->parameters());
+  auto x = torch::randn({2, 4, 4, 4}, torch::requires_grad());
+  stage(x).pow(2).sum().backward();
+  for (size_t i = 0; i < counts.runs.size(); ++i) {
+    EXPECT_EQ(*counts.runs[i], 1) << "accumulator of parameter " << i;
+  }
+}
+
 TEST(RevStageFunction, BatchNormRunningStatsAfterAStepEqualPlainAutograds) {
   torch::manual_seed(4);
   auto stage = conv_stage(3, 2);

@@ -8,7 +8,9 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace torchrev {
@@ -89,6 +91,40 @@ inline torch::Tensor plain_forward(RevSequential& stage, torch::Tensor x) {
     x = block->forward(x);
   }
   return x;
+}
+
+/// Counts how often each parameter's gradient accumulator runs, through a
+/// post hook on it (what PyTorch's own data-parallel reducer listens to).
+struct AccumulatorRunCounts {
+  struct Counter : torch::autograd::FunctionPostHook {
+    explicit Counter(std::shared_ptr<int> runs) : runs(std::move(runs)) {}
+    torch::autograd::variable_list operator()(
+        const torch::autograd::variable_list& outputs,
+        const torch::autograd::variable_list& /*inputs*/) override {
+      ++*runs;
+      return outputs;
+    }
+    std::shared_ptr<int> runs;
+  };
+  /// Keeps the accumulators (held only weakly by their parameters) alive.
+  std::vector<decltype(torch::autograd::impl::grad_accumulator(
+      std::declval<const torch::Tensor&>()))>
+      accumulators;
+  std::vector<std::shared_ptr<int>> runs;
+};
+
+inline AccumulatorRunCounts count_accumulator_runs(
+    const std::vector<torch::Tensor>& params) {
+  AccumulatorRunCounts counts;
+  for (const auto& p : params) {
+    auto accumulator = torch::autograd::impl::grad_accumulator(p);
+    auto runs = std::make_shared<int>(0);
+    accumulator->add_post_hook(
+        std::make_unique<AccumulatorRunCounts::Counter>(runs));
+    counts.accumulators.push_back(std::move(accumulator));
+    counts.runs.push_back(std::move(runs));
+  }
+  return counts;
 }
 
 /// A deep copy of `stage` with identical parameters and buffers.

@@ -14,6 +14,7 @@
 // each), but it works for any module, including ones that change shape.
 
 #include <torchrev/detail/autocast_state.h>
+#include <torchrev/detail/gradient_sink.h>
 #include <torchrev/detail/rng_state.h>
 #include <torchrev/recompute.h>
 #include <torchrev/rev_block.h>
@@ -105,6 +106,10 @@ struct CheckpointFunction
         ")");
     const bool input_needs_grad = saved[0].requires_grad();
     auto x = saved[0].detach().requires_grad_(input_needs_grad);
+    // The recomputed graph leads to private sinks instead of the parameters'
+    // accumulators until the gradients are taken, so parameter hooks run once,
+    // in the outer backward (see detail/gradient_sink.h).
+    detail::GradientSinkGuard sinks(params);
     torch::Tensor y;
     {
       torch::AutoGradMode enable_grad(true);

@@ -34,7 +34,10 @@
 // accumulated into `.grad` as a side effect) and returned from backward.
 // Autograd then accumulates each exactly once, so `loss.backward()`,
 // `torch::autograd::grad(loss, parameters)` and per-parameter hooks (which
-// data-parallel reducers rely on) behave as with plain autograd.
+// data-parallel reducers rely on) behave as with plain autograd. While a block
+// is recomputed its parameters' gradient edges lead to private sinks, so that
+// LibTorch 2.x does not run their hooks inside the inner `grad` call
+// (`detail::GradientSinkGuard`).
 //
 // The recompute replays each block's random draws (dropout) from the RNG state
 // the forward saw, without disturbing the caller's RNG stream; it runs under
@@ -42,6 +45,7 @@
 // statistics a second time (see `detail::RecomputeGuard`).
 
 #include <torchrev/detail/autocast_state.h>
+#include <torchrev/detail/gradient_sink.h>
 #include <torchrev/detail/rng_state.h>
 #include <torchrev/recompute.h>
 #include <torchrev/rev_block.h>
@@ -207,6 +211,10 @@ struct RevStageFunction : public torch::autograd::Function<RevStageFunction> {
       {
         torch::AutoGradMode enable_grad(true);
         detail::RecomputeGuard recompute(block);
+        // Until the block's gradients are taken, the recomputed graph leads
+        // to private sinks, not to the parameters' accumulators: their hooks
+        // run once, in the outer backward (see detail/gradient_sink.h).
+        detail::GradientSinkGuard sinks(params);
 
         // G: reconstruct x2 and back-propagate dy2 through G.
         auto y1_leaf = y.first.detach().requires_grad_(true);
