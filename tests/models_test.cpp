@@ -182,3 +182,33 @@ TEST(ModelZoo, RevNetGradientsEqualTheSameNetworkWithPlainAutograd) {
     }
   }
 }
+
+TEST(ModelZoo, CloneIsADeepCopyWithTheSameOutputsDtypeAndFrozenParameters) {
+  for (const std::string name : {"resnet32", "revnet38"}) {
+    SCOPED_TRACE(name);
+    torch::manual_seed(61);
+    auto net = torchrev::models::create(name);
+    net->to(torch::kFloat64);
+    net->parameters()[0].requires_grad_(false);
+    auto copy = std::dynamic_pointer_cast<torchrev::models::ImageClassifier>(
+        net->clone());
+    ASSERT_NE(copy, nullptr);
+    auto x = torch::randn({2, 3, 16, 16}, torch::kFloat64);
+    {
+      torch::NoGradGuard no_grad;
+      net->eval();
+      copy->eval();
+      EXPECT_TRUE(copy->forward(x).equal(net->forward(x)));
+    }
+    auto params = net->parameters();
+    auto copy_params = copy->parameters();
+    ASSERT_EQ(copy_params.size(), params.size());
+    EXPECT_FALSE(copy_params[0].requires_grad());
+    EXPECT_TRUE(copy_params[1].requires_grad());
+    EXPECT_EQ(copy_params[1].scalar_type(), torch::kFloat64);
+    // Deep: changing the copy leaves the original alone.
+    torch::NoGradGuard no_grad;
+    copy_params[1].add_(1.0);
+    EXPECT_FALSE(copy_params[1].equal(params[1]));
+  }
+}

@@ -86,7 +86,12 @@ struct RevBlockOptions {
 /// inputs. A block called on its own (`block(x)`, or inside a
 /// `torch::nn::Sequential`) computes the same values and gradients with plain
 /// autograd, and so stores its activations like any other module.
-class RevBlockBase : public virtual torch::nn::Module {
+///
+/// To deep-copy a stage (`RevSequential::clone()`), a block must implement
+/// `clone()`. Do not derive from both `RevBlockBase` and
+/// `torch::nn::Cloneable`: each is a `torch::nn::Module`, and since LibTorch
+/// 2.2 `Cloneable` inherits it non-virtually, so the block would have two.
+class RevBlockBase : public torch::nn::Module {
  public:
   explicit RevBlockBase(RevBlockOptions options = {})
       : options(std::move(options)) {}

@@ -29,10 +29,56 @@ namespace torchrev {
 namespace models {
 
 /// Common interface of the zoo's networks: images in, class logits out.
-class ImageClassifier : public virtual torch::nn::Module {
+class ImageClassifier : public torch::nn::Module {
  public:
   virtual torch::Tensor forward(const torch::Tensor& images) = 0;
 };
+
+namespace detail {
+
+/// An `ImageClassifier` that deep-copies itself like `torch::nn::Cloneable`:
+/// `clone()` builds a new `Derived` from the same options and copies every
+/// parameter (with its `requires_grad`) and buffer. The zoo's networks cannot
+/// derive from both `Cloneable` and `ImageClassifier`: since LibTorch 2.2
+/// `Cloneable` inherits `Module` non-virtually, which would give them two
+/// `Module` base objects.
+template <class Derived>
+class CloneableClassifier : public ImageClassifier {
+ public:
+  /// Builds the network's submodules; `clone()` relies on the constructor
+  /// calling it.
+  virtual void reset() = 0;
+
+  std::shared_ptr<torch::nn::Module> clone(
+      const torch::optional<torch::Device>& device =
+          torch::nullopt) const override {
+    torch::NoGradGuard no_grad;
+    const auto& self = static_cast<const Derived&>(*this);
+    auto copy = std::make_shared<Derived>(self.options);
+    copy->train(self.is_training());
+    // set_data keeps each copy's dtype and device those of the original.
+    const auto copied = [&device](const torch::Tensor& t) {
+      return device.has_value() ? t.to(
+                                      *device,
+                                      /*non_blocking=*/false,
+                                      /*copy=*/true)
+                                : t.clone();
+    };
+    auto copy_params = copy->named_parameters();
+    for (const auto& item : self.named_parameters()) {
+      auto& target = copy_params[item.key()];
+      target.set_data(copied(item.value()));
+      target.set_requires_grad(item.value().requires_grad());
+    }
+    auto copy_buffers = copy->named_buffers();
+    for (const auto& item : self.named_buffers()) {
+      copy_buffers[item.key()].set_data(copied(item.value()));
+    }
+    return copy;
+  }
+};
+
+} // namespace detail
 
 /// Options of a vanilla pre-activation ResNet. Defaults: ResNet-32.
 ///
@@ -135,8 +181,7 @@ inline torch::nn::Sequential pool_head(int64_t width) {
 } // namespace detail
 
 /// A pre-activation ResNet for CIFAR-sized images (the vanilla baseline).
-class ResNetImpl : public torch::nn::Cloneable<ResNetImpl>,
-                   public ImageClassifier {
+class ResNetImpl : public detail::CloneableClassifier<ResNetImpl> {
  public:
   explicit ResNetImpl(ResNetOptions options_ = {})
       : options(std::move(options_)) {
@@ -185,8 +230,7 @@ class ResNetImpl : public torch::nn::Cloneable<ResNetImpl>,
 TORCH_MODULE(ResNet);
 
 /// A RevNet for CIFAR-sized images: ResNet layout, reversible stages.
-class RevNetImpl : public torch::nn::Cloneable<RevNetImpl>,
-                   public ImageClassifier {
+class RevNetImpl : public detail::CloneableClassifier<RevNetImpl> {
  public:
   explicit RevNetImpl(RevNetOptions options_ = {})
       : options(std::move(options_)) {
