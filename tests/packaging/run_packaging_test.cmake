@@ -17,11 +17,16 @@ endif()
 
 run_step("${CMAKE_COMMAND}" -S "${TORCHREV_SOURCE_DIR}" -B "${WORK_DIR}/torchrev"
   -DTORCHREV_BUILD_TESTS=OFF -DTORCHREV_BUILD_EXAMPLES=OFF
-  -DTORCHREV_BUILD_BENCHMARKS=OFF "-DTorch_DIR=${Torch_DIR}")
+  -DTORCHREV_BUILD_BENCHMARKS=OFF "-DTorch_DIR=${Torch_DIR}"
+  "-DCaffe2_DIR=${Torch_DIR}/../Caffe2")
 run_step("${CMAKE_COMMAND}" --install "${WORK_DIR}/torchrev"
   --prefix "${WORK_DIR}/prefix")
+# TorchConfig looks for its Caffe2 package with PATHS, which CMake searches
+# after the default locations: with Torch_DIR alone, a LibTorch from a wheel
+# would be paired with the system's Caffe2 (Debian's 1.13). Name both.
 run_step("${CMAKE_COMMAND}" -S "${TORCHREV_SOURCE_DIR}/tests/packaging/consumer"
   -B "${WORK_DIR}/consumer" "-DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix"
-  "-DTorch_DIR=${Torch_DIR}" -DCMAKE_BUILD_TYPE=Release ${launcher})
+  "-DTorch_DIR=${Torch_DIR}" "-DCaffe2_DIR=${Torch_DIR}/../Caffe2"
+  -DCMAKE_BUILD_TYPE=Release ${launcher})
 run_step("${CMAKE_COMMAND}" --build "${WORK_DIR}/consumer")
 run_step("${WORK_DIR}/consumer/consumer")
