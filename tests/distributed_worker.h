@@ -37,7 +37,7 @@ inline double dp_worker_checksum(int rank, int world, int port) {
   torch::optim::SGD optimizer(
       model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
   for (int s = 0; s < kSteps; ++s) {
-    optimizer.zero_grad();
+    cifar::detail::zero_grad_in_place(optimizer);
     auto loss = torch::nn::functional::cross_entropy(model->forward(xs), ys);
     if (parallel) {
       parallel->prepare_backward();

@@ -32,6 +32,7 @@
 /// pip and the official archives are) provides the symbols used here.
 
 #include <torch/nn/module.h>
+#include <torch/optim/optimizer.h>
 #include <torch/types.h>
 #include <torch/utils.h>
 #include <torch/version.h>
@@ -94,6 +95,17 @@ using CommWork = c10d::ProcessGroup::Work;
 #else
 using CommWork = c10d::Work;
 #endif
+
+/// Zeroes every gradient in place, keeping its memory, on every LibTorch:
+/// `Optimizer::zero_grad()` does this in 1.13 but frees the gradients (sets
+/// them to none) by default since 2.0, which would change measured peaks.
+inline void zero_grad_in_place(torch::optim::Optimizer& optimizer) {
+#if TORCH_VERSION_MAJOR >= 2
+  optimizer.zero_grad(/*set_to_none=*/false);
+#else
+  optimizer.zero_grad();
+#endif
+}
 
 /// Formats a duration in seconds without trailing zeros ("60", "2.5").
 inline std::string format_seconds(std::chrono::milliseconds t) {
@@ -680,8 +692,7 @@ class DataParallel {
       // the ranks count themselves in below instead.
       store_options.waitWorkers = false;
       store_options.timeout = o.timeout;
-      s.store =
-          c10::make_intrusive<c10d::TCPStore>(o.master_addr, store_options);
+      s.store = make_store(o.master_addr, store_options);
       const auto joined = s.store->add("cifar_dp/joined", 1);
       if (joined == o.world_size) {
         s.store->set("cifar_dp/all_joined", std::vector<uint8_t>{1});
@@ -720,6 +731,29 @@ class DataParallel {
     // Gloo reduces CUDA tensors only in CUDA builds; keep CPU otherwise.
     s.comm_device = torch::kCPU;
     (void)device;
+  }
+
+  /// A TCPStore. LibTorch 2.4 made the libuv server the default; a LibTorch
+  /// built without libuv throws for it, so fall back to the classic server.
+  static c10::intrusive_ptr<c10d::TCPStore> make_store(
+      const std::string& host,
+      c10d::TCPStoreOptions options) {
+#if TORCH_VERSION_MAJOR > 2 || \
+    (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    if (options.useLibUV) {
+      try {
+        return c10::make_intrusive<c10d::TCPStore>(host, options);
+      } catch (const c10::Error& e) {
+        const std::string what = e.what_without_backtrace();
+        if (what.find("libuv") == std::string::npos &&
+            what.find("libUV") == std::string::npos) {
+          throw;
+        }
+        options.useLibUV = false;
+      }
+    }
+#endif
+    return c10::make_intrusive<c10d::TCPStore>(host, std::move(options));
   }
 
   /// Gloo transport device: the interface in GLOO_SOCKET_IFNAME if set, the

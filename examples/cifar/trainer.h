@@ -248,7 +248,7 @@ class Trainer {
         static_cast<torch::optim::SGDOptions&>(group.options()).lr(lr);
       }
       auto [images, labels] = train_batch(step);
-      optimizer_->zero_grad();
+      detail::zero_grad_in_place(*optimizer_);
       auto logits = model_->forward(images);
       auto loss = torch::nn::functional::cross_entropy(logits, labels);
       if (parallel_) {
