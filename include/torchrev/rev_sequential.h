@@ -1,6 +1,6 @@
 #pragma once
 
-#include <torchrev/autograd/rev_stage_function.h>
+#include <torchrev/autograd/rev_block_function.h>
 #include <torchrev/rev_block.h>
 
 #include <torch/arg.h>
@@ -37,8 +37,8 @@ struct RevSequentialOptions {
 
 /// A stage of reversible blocks trained without storing activations.
 ///
-/// In training (grad mode on, and the input or a parameter requires grad) the
-/// whole stage runs as one `autograd::RevStageFunction`: forward keeps only the
+/// In training (grad mode on, and the input or a parameter requires grad) each
+/// block runs as one `autograd::RevBlockFunction` node: forward keeps only the
 /// stage output, backward reconstructs each block's input from its output.
 /// Activation memory is then that of about one block, whatever the depth, for
 /// about 4/3 of the compute. Under `torch::NoGradGuard`, or when nothing
@@ -117,17 +117,16 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
         "torchrev::RevSequential: expected a defined input tensor, but got an "
         "undefined one");
 
-    std::vector<torch::Tensor> params;
-    std::vector<size_t> params_per_block;
-    params_per_block.reserve(blocks_.size());
+    std::vector<std::vector<torch::Tensor>> params;
+    params.reserve(blocks_.size());
+    bool any_param = false;
     for (const auto& block : blocks_) {
-      auto block_params = detail::trainable_parameters(*block);
-      params.insert(params.end(), block_params.begin(), block_params.end());
-      params_per_block.push_back(block_params.size());
+      params.push_back(detail::trainable_parameters(*block));
+      any_param = any_param || !params.back().empty();
     }
 
     const bool train =
-        torch::GradMode::is_enabled() && (x.requires_grad() || !params.empty());
+        torch::GradMode::is_enabled() && (x.requires_grad() || any_param);
     if (!train) {
       torch::Tensor y = x;
       for (size_t i = 0; i < blocks_.size(); ++i) {
@@ -136,16 +135,24 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
       return y;
     }
 
+    // One autograd node per block, chained; see autograd/rev_block_function.h.
     auto state = c10::make_intrusive<autograd::RevStageState>();
     state->blocks = blocks_;
     state->names.reserve(blocks_.size());
     for (size_t i = 0; i < blocks_.size(); ++i) {
       state->names.push_back(block_name(i));
     }
-    state->params_per_block = std::move(params_per_block);
     state->preserve_rng_state = options.preserve_rng_state();
-    return autograd::RevStageFunction::apply(
-        state, x, torch::TensorList(params));
+    state->resize();
+    torch::autograd::variable_list h{x};
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      h = autograd::RevBlockFunction::apply(
+          state,
+          static_cast<int64_t>(i),
+          torch::TensorList(h),
+          torch::TensorList(params[i]));
+    }
+    return h[0];
   }
 
   /// Reconstructs the stage input from its output, last block first. Exact up

@@ -2,7 +2,7 @@
 
 /// Umbrella header: everything a user of torchrev needs.
 
-#include <torchrev/autograd/rev_stage_function.h>
+#include <torchrev/autograd/rev_block_function.h>
 #include <torchrev/checkpoint.h>
 #include <torchrev/memory/cpu_memory_meter.h>
 #include <torchrev/models/blocks.h>

@@ -1,0 +1,411 @@
+#pragma once
+
+// The custom autograd Function behind `torchrev::RevSequential`.
+//
+// Plain autograd keeps, for every block, the tensors F and G need for their
+// backward: memory grows with depth. A `RevSequential` instead runs each of
+// its blocks as one `RevBlockFunction` node, chained: block i's node takes
+// block i-1's output and returns block i's output.
+//
+//   forward  (grad mode off): y_0 = x, y_i = block_i(y_{i-1}). No node saves
+//            its input, and only the last node saves its output (the stage
+//            output y_n), so nothing but that and small per-block RNG
+//            snapshots outlives the forward. Between blocks the activation
+//            stays in two dense halves. The stage input is never saved, freed
+//            or written to: the caller may still hold it (a ReLU before the
+//            stage saves it).
+//
+//   backward runs node by node, last block first. Node i gets its output y
+//            (the saved stage output for the last block; otherwise the
+//            reconstruction that node i+1 handed over through the stage's
+//            shared state, which is then dropped) and its gradient dy, both
+//            as halves (y1, y2), (dy1, dy2):
+//
+//              G(y1) is evaluated once, with grad, on a detached y1:
+//                x2      = y2 - G(y1)            reconstructs the input half
+//                dy1    += (dG/dy1)^T dy2        and gives G's gradients
+//                dG/dθ_G = (dG/dθ_G)^T dy2
+//              F(x2) is evaluated once, with grad, on a detached x2:
+//                x1      = y1 - F(x2)
+//                dx2     = dy2 + (dF/dx2)^T dy1
+//                dF/dθ_F = (dF/dθ_F)^T dy1
+//                dx1     = dy1
+//
+//            so each of F and G runs once more than in plain training, and
+//            that single evaluation both reconstructs the input and is the
+//            graph its gradients come from (about 4/3 of plain compute). The
+//            node hands x = (x1, x2) to node i-1 and returns dx and block i's
+//            parameter gradients.
+//
+// Each block's parameters are inputs of its node, and their gradients are
+// computed with `torch::autograd::grad` (never accumulated into `.grad` as a
+// side effect) and returned from that node's backward. Autograd then
+// accumulates each exactly once, as soon as the block is done: the stage's
+// parameter gradients are never all alive at once, and per-parameter hooks
+// (which data-parallel reducers rely on) fire block by block while earlier
+// blocks are still being reconstructed. `loss.backward()` and
+// `torch::autograd::grad(loss, parameters)` behave as with plain autograd.
+// While a block is recomputed its parameters' gradient edges lead to private
+// sinks, so that LibTorch 2.x does not run their hooks inside the inner `grad`
+// call (`detail::GradientSinkGuard`).
+//
+// The recompute replays each block's random draws (dropout) from the RNG state
+// the forward saw, without disturbing the caller's RNG stream; it runs under
+// the forward's autocast state; and it does not update BatchNorm running
+// statistics a second time (see `detail::RecomputeGuard`).
+
+#include <torchrev/detail/autocast_state.h>
+#include <torchrev/detail/gradient_sink.h>
+#include <torchrev/detail/outside_dependencies.h>
+#include <torchrev/detail/replay_checks.h>
+#include <torchrev/detail/rng_state.h>
+#include <torchrev/recompute.h>
+#include <torchrev/rev_block.h>
+
+#include <ATen/core/ivalue.h>
+#include <torch/autograd.h>
+#include <torch/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace torchrev {
+namespace autograd {
+
+/// The two halves of an activation (or of its gradient), split along `dim`.
+/// Between blocks the halves stay separate, dense tensors: joining and
+/// re-splitting them at every block would copy the activation twice.
+struct Halves {
+  torch::Tensor first, second;
+  int64_t dim = 1;
+};
+
+/// What the nodes of one stage share, from its forward to its backward.
+struct RevStageState : torch::CustomClassHolder {
+  /// The blocks, in forward order. Holding them keeps them alive until
+  /// backward, as the Python ctx of a Function would.
+  std::vector<std::shared_ptr<RevBlockBase>> blocks;
+  /// How errors name each block, e.g. "torchrev::RevSequential block 3 (...)".
+  std::vector<std::string> names;
+  /// Whether to snapshot and replay the random generators.
+  bool preserve_rng_state = true;
+
+  // Filled by the forward, one entry per block.
+
+  /// The dimension each block split its input along (resolved).
+  std::vector<int64_t> split_dims;
+  /// Generator states just before each block's F and G ran in forward.
+  std::vector<detail::RngState> rng_before_f;
+  std::vector<detail::RngState> rng_before_g;
+  /// The training flag of each block's modules (the block and every
+  /// submodule, in `modules()` order) in forward: BatchNorm and dropout
+  /// behave differently in eval mode, and the recompute must match.
+  std::vector<std::vector<bool>> training;
+  /// Each block's parameters that required grad (its node's inputs) and
+  /// their version counters in forward: a recompute with parameters changed
+  /// in place since (an optimizer step) would give wrong gradients.
+  std::vector<std::vector<torch::Tensor>> params;
+  std::vector<std::vector<uint32_t>> param_versions;
+  /// The autocast state of the forward.
+  detail::AutocastState autocast;
+
+  // Filled by the backward.
+
+  /// reconstructed[i]: block i's output, rebuilt by block i+1's node and
+  /// taken (released) by block i's. At most one is alive at a time.
+  std::vector<Halves> reconstructed;
+
+  /// Sizes the per-block vectors for `blocks`.
+  void resize() {
+    const size_t n = blocks.size();
+    split_dims.assign(n, 1);
+    rng_before_f.assign(n, detail::RngState());
+    rng_before_g.assign(n, detail::RngState());
+    training.assign(n, {});
+    params.assign(n, {});
+    param_versions.assign(n, {});
+    reconstructed.assign(n, Halves());
+  }
+};
+
+/// One reversible block of a stage, as a node of the autograd graph. Use it
+/// through `torchrev::RevSequential`, which chains one call per block:
+///
+///     outputs = RevBlockFunction::apply(state, i, torch::TensorList(inputs),
+///                                       torch::TensorList(params));
+///
+/// `inputs` is the stage input {x} for block 0 and the previous block's
+/// outputs (two halves) after it; `params` are block i's parameters that
+/// require grad. It returns the block's output halves, or {stage output} for
+/// the last block.
+struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx,
+      c10::intrusive_ptr<RevStageState> state,
+      int64_t index,
+      torch::TensorList inputs,
+      torch::TensorList params) {
+    const auto i = static_cast<size_t>(index);
+    TORCH_CHECK(
+        i < state->blocks.size() &&
+            state->split_dims.size() == state->blocks.size(),
+        "torchrev: RevBlockFunction: block index ",
+        index,
+        " is out of range for a stage of ",
+        state->blocks.size(),
+        " blocks (was RevStageState::resize() called?)");
+    TORCH_CHECK(
+        inputs.size() == (i == 0 ? 1u : 2u),
+        "torchrev: RevBlockFunction: block ",
+        index,
+        " expected ",
+        i == 0 ? "the stage input" : "two halves",
+        " but got ",
+        inputs.size(),
+        " tensors");
+    RevBlockBase& block = *state->blocks[i];
+    const std::string& where = state->names[i];
+    if (i == 0) {
+      state->autocast = detail::AutocastState::current();
+    }
+
+    // Grad mode is off here (Function::apply turns it off), so the block
+    // keeps nothing.
+    Halves h = i == 0
+        ? split_checked(block, inputs[0], where)
+        : resplit(
+              block,
+              Halves{inputs[0], inputs[1], state->split_dims[i - 1]},
+              where);
+    state->split_dims[i] = h.dim;
+    state->training[i] = detail::training_flags(block);
+    state->params[i] = params.vec();
+    state->param_versions[i] = detail::versions(params);
+    const auto device = h.first.device();
+    if (state->preserve_rng_state) {
+      state->rng_before_f[i] = detail::RngState::capture(
+          device, i == 0 ? detail::RngState() : state->rng_before_g[i - 1]);
+    }
+    auto y1 = h.first + block.checked_f(h.second, where);
+    if (state->preserve_rng_state) {
+      state->rng_before_g[i] =
+          detail::RngState::capture(device, state->rng_before_f[i]);
+    }
+    auto y2 = h.second + block.checked_g(y1, where);
+    h = Halves();
+
+    ctx->saved_data["state"] = c10::IValue::make_capsule(state);
+    ctx->saved_data["index"] = index;
+    if (i + 1 < state->blocks.size()) {
+      return {std::move(y1), std::move(y2)};
+    }
+    // Saving the stage output (no input of any block) is what makes memory
+    // independent of depth. The saved-variable machinery also turns a second
+    // backward without retain_graph, or an in-place change of the output,
+    // into errors.
+    torch::Tensor y = torch::cat({y1, y2}, state->split_dims[i]);
+    ctx->save_for_backward({y});
+    return {y};
+  }
+
+  static torch::autograd::variable_list backward(
+      torch::autograd::AutogradContext* ctx,
+      torch::autograd::variable_list grad_outputs) {
+    TORCH_CHECK(
+        !torch::GradMode::is_enabled(),
+        "torchrev::RevSequential does not support double backward "
+        "(create_graph=true): its backward recomputes activations outside "
+        "the graph. Use plain autograd (e.g. blocks in a "
+        "torch::nn::Sequential) for higher-order gradients.");
+    auto state = c10::static_intrusive_pointer_cast<RevStageState>(
+        ctx->saved_data["state"].toCapsule());
+    const auto i = static_cast<size_t>(ctx->saved_data["index"].toInt());
+    RevBlockBase& block = *state->blocks[i];
+    const std::string& where = state->names[i];
+    const int64_t dim = state->split_dims[i];
+
+    // The block's output and its gradient, as halves. For the last block the
+    // saved output (throws "Trying to backward through the graph a second
+    // time" once a backward without retain_graph has freed it); its halves
+    // are views, as it stays alive until this node is done anyway.
+    Halves y, dy;
+    if (i + 1 == state->blocks.size()) {
+      auto saved = ctx->get_saved_variables();
+      y = split_views(saved[0].detach(), dim);
+      dy = split_views(grad_outputs[0].detach(), dim);
+    } else {
+      y = std::move(state->reconstructed[i]);
+      state->reconstructed[i] = Halves();
+      TORCH_CHECK(
+          y.first.defined(),
+          where,
+          ": its output was not reconstructed before its backward; the "
+          "blocks of a stage must be back-propagated from the stage output, "
+          "last block first");
+      dy = Halves{grad_outputs[0].detach(), grad_outputs[1].detach(), dim};
+    }
+    detail::check_training_flags(block, state->training[i], where);
+    // The node's inputs for this block, as in forward and unchanged.
+    const auto& params = state->params[i];
+    detail::check_parameters_unchanged(
+        block, params, state->param_versions[i], where);
+
+    // Output slots: state, index (not tensors), the inputs, the parameters.
+    const size_t num_inputs = i == 0 ? 1 : 2;
+    const size_t first_param = 2 + num_inputs;
+    torch::autograd::variable_list grads(first_param + params.size());
+
+    Halves x{torch::Tensor(), torch::Tensor(), dim};
+    Halves dx{torch::Tensor(), torch::Tensor(), dim};
+    {
+      torch::AutoGradMode enable_grad(true);
+      detail::RecomputeGuard recompute(block);
+      // Until the block's gradients are taken, the recomputed graph leads to
+      // private sinks, not to the parameters' accumulators: their hooks run
+      // once, in the outer backward (see detail/gradient_sink.h).
+      detail::GradientSinkGuard sinks(params);
+
+      // G: reconstruct x2 and back-propagate dy2 through G.
+      auto y1_leaf = y.first.detach().requires_grad_(true);
+      torch::Tensor g_out;
+      detail::RecomputeScope g_scope;
+      {
+        detail::AutocastStateGuard autocast(state->autocast);
+        detail::ForkedRngGuard rng(
+            state->preserve_rng_state ? state->rng_before_g[i]
+                                      : detail::RngState(),
+            y1_leaf.device());
+        g_out = block.checked_g(y1_leaf, where);
+      }
+      detail::check_no_outside_dependencies(
+          g_out, y1_leaf, g_scope, where, "G");
+      x.second = y.second - g_out.detach();
+      y.second = torch::Tensor(); // each tensor is released once it is used
+      auto g_grads = differentiate(g_out, y1_leaf, params, dy.second);
+      g_out = torch::Tensor();
+      y1_leaf = torch::Tensor();
+      dx.first = g_grads[0].defined() ? dy.first + g_grads[0] : dy.first;
+      dy.first = torch::Tensor();
+      accumulate(grads, first_param, g_grads);
+      g_grads.clear();
+
+      // F: reconstruct x1 and back-propagate dy1 (now including G's part)
+      // through F.
+      auto x2_leaf = x.second.detach().requires_grad_(true);
+      torch::Tensor f_out;
+      detail::RecomputeScope f_scope;
+      {
+        detail::AutocastStateGuard autocast(state->autocast);
+        detail::ForkedRngGuard rng(
+            state->preserve_rng_state ? state->rng_before_f[i]
+                                      : detail::RngState(),
+            x2_leaf.device());
+        f_out = block.checked_f(x2_leaf, where);
+      }
+      detail::check_no_outside_dependencies(
+          f_out, x2_leaf, f_scope, where, "F");
+      x.first = y.first - f_out.detach();
+      y.first = torch::Tensor();
+      auto f_grads = differentiate(f_out, x2_leaf, params, dx.first);
+      f_out = torch::Tensor();
+      dx.second = f_grads[0].defined() ? dy.second + f_grads[0] : dy.second;
+      accumulate(grads, first_param, f_grads);
+    }
+
+    if (i == 0) {
+      // The stage input: its gradient, joined; the input itself is the
+      // caller's and is not needed.
+      if (ctx->needs_input_grad(/*the first tensor input's edge=*/0)) {
+        grads[2] = torch::cat({dx.first, dx.second}, dim);
+      }
+      return grads;
+    }
+    // Hand the reconstructed input to block i-1's node, split as that block
+    // split its output, and return its gradient the same way.
+    const int64_t previous_dim = state->split_dims[i - 1];
+    if (previous_dim != dim) {
+      x = split_views(torch::cat({x.first, x.second}, dim), previous_dim);
+      dx = split_views(torch::cat({dx.first, dx.second}, dim), previous_dim);
+    }
+    state->reconstructed[i - 1] = std::move(x);
+    grads[2] = std::move(dx.first);
+    grads[3] = std::move(dx.second);
+    return grads;
+  }
+
+ private:
+  static Halves split_views(const torch::Tensor& t, int64_t dim) {
+    auto halves = t.chunk(2, dim);
+    return Halves{std::move(halves[0]), std::move(halves[1]), dim};
+  }
+
+  /// Halves that are dense in `t`'s memory format (see RevBlockBase::split),
+  /// after checking that `block` can split `t`.
+  static Halves split_checked(
+      const RevBlockBase& block,
+      const torch::Tensor& t,
+      const std::string& where) {
+    block.check_splittable(t, where);
+    auto [a, b] = block.split(t);
+    return Halves{std::move(a), std::move(b), block.split_dim(t)};
+  }
+
+  /// `h` split the way `block` splits: unchanged when the previous block
+  /// used the same dimension, else joined and split again.
+  static Halves resplit(
+      const RevBlockBase& block,
+      Halves h,
+      const std::string& where) {
+    if (block.split_dim(h.first) == h.dim) {
+      return h;
+    }
+    return split_checked(block, torch::cat({h.first, h.second}, h.dim), where);
+  }
+
+  /// Gradients of `out` (weighted by `grad_out`) with respect to `input` and
+  /// `params`, without touching any `.grad`. Entry 0 is the input's gradient,
+  /// entry 1 + k the k-th parameter's (undefined when unused).
+  static torch::autograd::variable_list differentiate(
+      const torch::Tensor& out,
+      const torch::Tensor& input,
+      const std::vector<torch::Tensor>& params,
+      const torch::Tensor& grad_out) {
+    if (!out.requires_grad()) { // F or G does not depend on anything.
+      return torch::autograd::variable_list(1 + params.size());
+    }
+    torch::autograd::variable_list inputs;
+    inputs.reserve(1 + params.size());
+    inputs.push_back(input);
+    inputs.insert(inputs.end(), params.begin(), params.end());
+    return torch::autograd::grad(
+        {out},
+        inputs,
+        {grad_out},
+        /*retain_graph=*/false,
+        /*create_graph=*/false,
+        /*allow_unused=*/true);
+  }
+
+  /// Adds the parameter gradients of `block_grads` (entries 1, 2, ...) into
+  /// `grads[first_param]`, `grads[first_param + 1]`, ...
+  static void accumulate(
+      torch::autograd::variable_list& grads,
+      size_t first_param,
+      const torch::autograd::variable_list& block_grads) {
+    for (size_t k = 1; k < block_grads.size(); ++k) {
+      const auto& g = block_grads[k];
+      if (!g.defined()) {
+        continue;
+      }
+      auto& slot = grads[first_param + k - 1];
+      slot = slot.defined() ? slot + g : g;
+    }
+  }
+};
+
+} // namespace autograd
+} // namespace torchrev
