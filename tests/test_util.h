@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -33,6 +34,25 @@ inline double relative_error(const torch::Tensor& a, const torch::Tensor& b) {
 
 #define EXPECT_CLOSE(a, b, tol) \
   EXPECT_LT(::torchrev::testing::relative_error(a, b), tol)
+
+/// The message of the c10::Error that `fn` throws, or "" if none.
+inline std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  }
+  return "";
+}
+
+#define EXPECT_ERROR_CONTAINS(stmt, ...)                                     \
+  do {                                                                       \
+    const std::string message = error_of([&] { stmt; });                     \
+    for (const std::string& part : {__VA_ARGS__}) {                          \
+      EXPECT_NE(message.find(part), std::string::npos)                       \
+          << "error message \"" << message << "\" lacks \"" << part << "\""; \
+    }                                                                        \
+  } while (0)
 
 /// A residual function for `channels` channels: BN-ReLU-Conv, optionally
 /// with dropout, as in a pre-activation RevNet.

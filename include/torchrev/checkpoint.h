@@ -15,6 +15,8 @@
 
 #include <torchrev/detail/autocast_state.h>
 #include <torchrev/detail/gradient_sink.h>
+#include <torchrev/detail/outside_dependencies.h>
+#include <torchrev/detail/replay_checks.h>
 #include <torchrev/detail/rng_state.h>
 #include <torchrev/recompute.h>
 #include <torchrev/rev_block.h>
@@ -61,8 +63,9 @@ struct CheckpointState : torch::CustomClassHolder {
   /// The computation, `module`'s forward.
   std::function<torch::Tensor(const torch::Tensor&)> function;
   bool preserve_rng_state = true;
-  /// The number of parameters passed to forward.
-  size_t num_params = 0;
+  /// The parameters passed to forward and their versions then.
+  std::vector<torch::Tensor> params;
+  std::vector<uint32_t> param_versions;
   detail::RngState rng;
   detail::AutocastState autocast;
 };
@@ -74,7 +77,9 @@ struct CheckpointFunction
       torch::autograd::AutogradContext* ctx,
       c10::intrusive_ptr<CheckpointState> state,
       const torch::Tensor& x,
-      torch::TensorList /*params*/) {
+      torch::TensorList params) {
+    state->params = params.vec();
+    state->param_versions = detail::versions(params);
     state->autocast = detail::AutocastState::current();
     if (state->preserve_rng_state) {
       state->rng = detail::RngState::capture(x.device());
@@ -95,15 +100,27 @@ struct CheckpointFunction
     auto saved = ctx->get_saved_variables();
     auto state = c10::static_intrusive_pointer_cast<CheckpointState>(
         ctx->saved_data["state"].toCapsule());
-    auto params = trainable_parameters(state->modules);
+    const auto& params = state->params;
+    const auto now = trainable_parameters(state->modules);
+    bool same = now.size() == params.size();
+    for (size_t k = 0; same && k < now.size(); ++k) {
+      same = now[k].unsafeGetTensorImpl() == params[k].unsafeGetTensorImpl();
+    }
     TORCH_CHECK(
-        params.size() == state->num_params,
-        "torchrev::checkpoint: the number of parameters requiring grad changed "
-        "between forward and backward (",
-        state->num_params,
-        " then ",
+        same,
+        "torchrev::checkpoint: the parameters requiring grad changed between "
+        "forward and backward (",
         params.size(),
-        ")");
+        " then ",
+        now.size(),
+        "); change requires_grad only between steps");
+    if (!params.empty()) { // then there is a module to name them by
+      detail::check_versions(
+          params,
+          state->param_versions,
+          *state->modules.front(),
+          "torchrev::checkpoint");
+    }
     const bool input_needs_grad = saved[0].requires_grad();
     auto x = saved[0].detach().requires_grad_(input_needs_grad);
     // The recomputed graph leads to private sinks instead of the parameters'
@@ -111,6 +128,7 @@ struct CheckpointFunction
     // in the outer backward (see detail/gradient_sink.h).
     detail::GradientSinkGuard sinks(params);
     torch::Tensor y;
+    detail::RecomputeScope scope;
     {
       torch::AutoGradMode enable_grad(true);
       detail::AutocastStateGuard autocast(state->autocast);
@@ -118,6 +136,8 @@ struct CheckpointFunction
       detail::ForkedRngGuard rng(state->rng, x.device());
       y = state->function(x);
     }
+    detail::check_no_outside_dependencies(
+        y, x, scope, "torchrev::checkpoint", "the checkpointed function");
     torch::autograd::variable_list grads(2 + params.size());
     if (!y.requires_grad()) {
       return grads;
@@ -173,7 +193,6 @@ inline torch::Tensor checkpoint(
   state->modules = std::move(modules);
   state->function = std::move(function);
   state->preserve_rng_state = preserve_rng_state;
-  state->num_params = params.size();
   return autograd::CheckpointFunction::apply(
       state, x, torch::TensorList(params));
 }

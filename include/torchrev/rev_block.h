@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <ostream>
+#include <sstream>
 #include <string>
 #include <unordered_set>
 #include <utility>
@@ -137,6 +138,17 @@ class RevBlockBase : public torch::nn::Module {
         x.dim(),
         "-d tensor of shape ",
         x.sizes());
+    const int64_t raw_dim = options.split_dim();
+    TORCH_CHECK(
+        raw_dim >= -x.dim() && raw_dim < x.dim(),
+        where,
+        ": split_dim ",
+        raw_dim,
+        " is out of range for an input with ",
+        x.dim(),
+        " dimensions (shape ",
+        x.sizes(),
+        ")");
     const int64_t dim = split_dim(x);
     TORCH_CHECK(
         x.size(dim) % 2 == 0,
@@ -169,10 +181,17 @@ class RevBlockBase : public torch::nn::Module {
   /// convolutions take slow paths and make (and keep) dense copies of their
   /// own; copying once here is faster and, with plain autograd, measured to
   /// use less memory (benchmarks/results).
+  /// Both halves are always new tensors, never views of `x` (a half that is
+  /// already dense, as with a batch of one, is copied), so that F and G never
+  /// see, and can never write to, the caller's tensor.
   std::pair<torch::Tensor, torch::Tensor> split(const torch::Tensor& x) const {
     const auto format = x.suggest_memory_format();
     auto halves = x.chunk(2, split_dim(x));
-    return {halves[0].contiguous(format), halves[1].contiguous(format)};
+    const auto dense_copy = [format](const torch::Tensor& half) {
+      return half.is_contiguous(format) ? half.clone(format)
+                                        : half.contiguous(format);
+    };
+    return {dense_copy(halves[0]), dense_copy(halves[1])};
   }
 
   /// Joins (a, b) along the split dimension.
@@ -180,16 +199,30 @@ class RevBlockBase : public torch::nn::Module {
     return torch::cat({a, b}, split_dim(a));
   }
 
-  /// Calls F and checks that it preserved the shape of its input.
+  /// Calls F and checks that it preserved the shape, dtype and device of its
+  /// input. An error raised inside F gets a line naming the block.
   torch::Tensor checked_f(const torch::Tensor& x2, const std::string& where) {
-    auto out = forward_f(x2);
+    torch::Tensor out;
+    try {
+      out = forward_f(x2);
+    } catch (c10::Error& e) {
+      add_block_context(e, x2, "F", where);
+      throw;
+    }
     check_residual(out, x2, "F", where);
     return out;
   }
 
-  /// Calls G and checks that it preserved the shape of its input.
+  /// Calls G and checks that it preserved the shape, dtype and device of its
+  /// input. An error raised inside G gets a line naming the block.
   torch::Tensor checked_g(const torch::Tensor& y1, const std::string& where) {
-    auto out = forward_g(y1);
+    torch::Tensor out;
+    try {
+      out = forward_g(y1);
+    } catch (c10::Error& e) {
+      add_block_context(e, y1, "G", where);
+      throw;
+    }
     check_residual(out, y1, "G", where);
     return out;
   }
@@ -224,6 +257,19 @@ class RevBlockBase : public torch::nn::Module {
   }
 
  private:
+  static void add_block_context(
+      c10::Error& e,
+      const torch::Tensor& in,
+      const char* which,
+      const std::string& where) {
+    std::ostringstream context;
+    context << "in " << which << " of " << where << ", called on a half of "
+            << "shape " << in.sizes() << " (" << which
+            << " acts on half the split dimension and must not modify its "
+            << "input in place)";
+    e.add_context(context.str());
+  }
+
   static void check_residual(
       const torch::Tensor& out,
       const torch::Tensor& in,
@@ -243,6 +289,21 @@ class RevBlockBase : public torch::nn::Module {
         which,
         " returned shape ",
         out.sizes());
+    TORCH_CHECK(
+        out.scalar_type() == in.scalar_type() && out.device() == in.device(),
+        where,
+        ": ",
+        which,
+        " must return a tensor of its input's dtype and device, expected ",
+        in.scalar_type(),
+        " on ",
+        in.device(),
+        " but ",
+        which,
+        " returned ",
+        out.scalar_type(),
+        " on ",
+        out.device());
   }
 };
 

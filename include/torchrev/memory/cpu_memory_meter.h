@@ -129,10 +129,6 @@ class CPUMemoryMeter final : public c10::Allocator {
           now - nbytes,
           " bytes in use)");
     }
-    size_t peak = peak_.load(std::memory_order_relaxed);
-    while (now > peak &&
-           !peak_.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
-    }
     const size_t total =
         (kHeader + nbytes + kAlignment - 1) / kAlignment * kAlignment;
     auto* base = static_cast<char*>(std::aligned_alloc(kAlignment, total));
@@ -144,6 +140,11 @@ class CPUMemoryMeter final : public c10::Allocator {
           "torchrev::CPUMemoryMeter: out of memory allocating ",
           nbytes,
           " bytes");
+    }
+    // The peak counts only allocations that succeeded.
+    size_t peak = peak_.load(std::memory_order_relaxed);
+    while (now > peak &&
+           !peak_.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
     }
     std::memcpy(base, &nbytes, sizeof(nbytes));
     void* data = base + kHeader;

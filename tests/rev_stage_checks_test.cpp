@@ -1,0 +1,212 @@
+// What a stage's backward refuses to do silently: each case below gave wrong
+// gradients, or an error without torchrev context, before it was checked.
+
+#include "test_util.h"
+
+using namespace torchrev::testing;
+
+namespace {
+
+/// F multiplies by a tensor computed outside the block (FiLM-style
+/// conditioning); G is a plain linear map.
+struct ConditionedBlockImpl : torchrev::RevBlockBase {
+  explicit ConditionedBlockImpl(int64_t half)
+      : f(register_module("f", torch::nn::Linear(half, half))),
+        g(register_module("g", torch::nn::Linear(half, half))) {}
+  torch::Tensor forward_f(const torch::Tensor& x2) override {
+    auto out = torch::tanh(f(x2));
+    return gamma.defined() ? out * gamma : out;
+  }
+  torch::Tensor forward_g(const torch::Tensor& y1) override {
+    return torch::tanh(g(y1));
+  }
+  torch::nn::Linear f, g;
+  torch::Tensor gamma; // set by the caller, not registered
+};
+TORCH_MODULE(ConditionedBlock);
+
+/// A block whose F works in place on its input.
+struct InPlaceBlockImpl : torchrev::RevBlockBase {
+  InPlaceBlockImpl() : g(register_module("g", torch::nn::Linear(2, 2))) {}
+  torch::Tensor forward_f(const torch::Tensor& x2) override {
+    return torch::relu_(const_cast<torch::Tensor&>(x2));
+  }
+  torch::Tensor forward_g(const torch::Tensor& y1) override {
+    return g(y1);
+  }
+  torch::nn::Linear g;
+};
+TORCH_MODULE(InPlaceBlock);
+
+/// A block whose F returns another dtype.
+struct CastingBlockImpl : torchrev::RevBlockBase {
+  torch::Tensor forward_f(const torch::Tensor& x2) override {
+    return x2.to(torch::kFloat64);
+  }
+  torch::Tensor forward_g(const torch::Tensor& y1) override {
+    return y1;
+  }
+};
+TORCH_MODULE(CastingBlock);
+
+} // namespace
+
+TEST(RevStageChecks, ATensorFromOutsideTheBlockThatNeedsGradIsAnError) {
+  // Plain autograd trains the conditioning network; a stage that dropped its
+  // gradient would train it silently wrong.
+  torch::manual_seed(70);
+  torch::nn::Linear conditioning(3, 2);
+  ConditionedBlock block(2);
+  torchrev::RevSequential stage(block);
+  auto c = torch::randn({4, 3});
+  block->gamma = torch::sigmoid(conditioning(c));
+  auto x = torch::randn({4, 4}, torch::requires_grad());
+  EXPECT_ERROR_CONTAINS(
+      stage(x).sum().backward(),
+      "block 0",
+      "F uses a tensor that requires grad",
+      "neither its input nor a parameter");
+  // With the conditioning detached there is nothing to lose.
+  block->gamma = block->gamma.detach();
+  stage(x).sum().backward();
+  EXPECT_TRUE(x.grad().defined());
+}
+
+TEST(RevStageChecks, AWeightTiedToAModuleOutsideTheBlockIsAnError) {
+  torch::nn::Linear outside(2, 2); // registered elsewhere, e.g. the parent
+  ConditionedBlock block(2);
+  torchrev::RevSequential stage(block);
+  block->gamma = outside->bias; // the leaf itself, broadcast over the batch
+  EXPECT_ERROR_CONTAINS(
+      stage(torch::randn({3, 4}, torch::requires_grad())).sum().backward(),
+      "block 0",
+      "F uses a tensor that requires grad");
+}
+
+TEST(RevStageChecks, CheckpointOfAFunctionUsingAnOutsideTensorIsAnError) {
+  torch::nn::Linear inside(3, 3);
+  auto outside = torch::randn({3}, torch::requires_grad());
+  auto x = torch::randn({2, 3}, torch::requires_grad());
+  auto y = torchrev::checkpoint(
+      {inside.ptr()},
+      [&](const torch::Tensor& in) { return inside(in) * outside; },
+      x);
+  EXPECT_ERROR_CONTAINS(
+      y.sum().backward(),
+      "torchrev::checkpoint",
+      "uses a tensor that requires grad");
+}
+
+TEST(RevStageChecks, AnOptimizerStepBetweenForwardAndBackwardIsAnError) {
+  torch::manual_seed(71);
+  auto stage = mlp_stage(3, 2);
+  auto x = torch::randn({4, 4}, torch::requires_grad());
+  stage(x).sum().backward(); // gives every parameter a gradient
+  auto loss = stage(x).pow(2).sum();
+  {
+    // An SGD step in place, as torch.optim does (LibTorch 1.13's C++ SGD
+    // writes through .data(), which plain autograd cannot see either).
+    torch::NoGradGuard no_grad;
+    for (auto& p : stage->parameters()) {
+      p.add_(p.grad(), -0.1);
+    }
+  }
+  EXPECT_ERROR_CONTAINS(
+      loss.backward(),
+      "block 2",
+      "modified by an inplace operation",
+      "parameter 'f.0.weight'",
+      "expected version");
+}
+
+TEST(
+    RevStageChecks,
+    AParameterChangedInPlaceBeforeACheckpointBackwardIsAnError) {
+  torch::nn::Linear net(3, 3);
+  auto loss = torchrev::checkpoint(net, torch::randn({2, 3})).sum();
+  {
+    torch::NoGradGuard no_grad;
+    net->weight.mul_(2);
+  }
+  EXPECT_ERROR_CONTAINS(
+      loss.backward(),
+      "torchrev::checkpoint",
+      "modified by an inplace operation",
+      "'weight'");
+}
+
+TEST(RevStageChecks, FreezingOneParameterAndUnfreezingAnotherIsAnError) {
+  auto stage = mlp_stage(1, 2);
+  auto params = stage->parameters();
+  params[1].requires_grad_(false);
+  auto loss = stage(torch::randn({2, 4}, torch::requires_grad())).sum();
+  params[1].requires_grad_(true); // same count as in forward, another set
+  params[0].requires_grad_(false);
+  EXPECT_ERROR_CONTAINS(
+      loss.backward(),
+      "block 0",
+      "parameters requiring grad changed between forward and backward");
+}
+
+TEST(RevStageChecks, ASubmoduleSwitchedToEvalBeforeBackwardIsAnError) {
+  auto stage = conv_stage(2, 2);
+  auto loss = stage(torch::randn({2, 4, 4, 4}, torch::requires_grad())).sum();
+  // Only a BatchNorm inside block 1's F, not the block itself.
+  stage->ptr(1)->modules()[2]->eval();
+  EXPECT_ERROR_CONTAINS(
+      loss.backward(),
+      "block 1",
+      "was in training mode in forward but is in eval mode in backward");
+}
+
+TEST(RevStageChecks, FReturningAnotherDtypeIsAnErrorNamingTheBlock) {
+  torchrev::RevSequential stage(CastingBlock{});
+  EXPECT_ERROR_CONTAINS(
+      stage(torch::randn({2, 4}, torch::requires_grad())),
+      "block 0",
+      "F must return a tensor of its input's dtype and device",
+      "Float",
+      "Double");
+}
+
+TEST(RevStageChecks, AnInPlaceFNeverWritesToTheCallersTensorAndFailsClearly) {
+  // A batch of one: both halves are already dense, and were once views.
+  torchrev::RevSequential stage(InPlaceBlock{});
+  auto x = torch::randn({1, 4}).requires_grad_(true);
+  auto before = x.detach().clone();
+  auto loss = stage(x).sum();
+  EXPECT_TRUE(x.detach().equal(before));
+  EXPECT_ERROR_CONTAINS(
+      loss.backward(), "in F of torchrev::RevSequential block 0", "in place");
+}
+
+TEST(RevStageChecks, SplitDimOutOfRangeNamesTheBlock) {
+  torchrev::RevSequential stage(SeqBlock(
+      torch::nn::Sequential(torch::nn::Identity()),
+      torch::nn::Sequential(torch::nn::Identity()),
+      torchrev::RevBlockOptions().split_dim(3)));
+  EXPECT_ERROR_CONTAINS(
+      stage(torch::randn({2, 4}, torch::requires_grad())),
+      "block 0",
+      "split_dim 3 is out of range");
+}
+
+TEST(RevStageChecks, AnErrorInsideFNamesTheBlockAndTheHalf) {
+  // F built for the full width: BatchNorm sees half the channels.
+  torchrev::RevSequential stage(SeqBlock(
+      torch::nn::Sequential(torch::nn::BatchNorm1d(4)),
+      torch::nn::Sequential(torch::nn::Identity())));
+  EXPECT_ERROR_CONTAINS(
+      stage(torch::randn({3, 4}, torch::requires_grad())),
+      "in F of torchrev::RevSequential block 0",
+      "half of shape [3, 2]");
+}
+
+TEST(CPUMemoryMeter, AFailedAllocationDoesNotRaiseThePeak) {
+  auto& meter = torchrev::CPUMemoryMeter::instance();
+  meter.reset_peak();
+  const size_t peak = meter.peak_bytes();
+  // 4 PiB: the system allocator refuses it.
+  EXPECT_THROW(torch::empty({int64_t(1) << 50}, torch::kFloat32), c10::Error);
+  EXPECT_EQ(meter.peak_bytes(), peak);
+}
