@@ -97,6 +97,27 @@ TEST(RevStageChecks, CheckpointOfAFunctionUsingAnOutsideTensorIsAnError) {
       "uses a tensor that requires grad");
 }
 
+TEST(RevStageChecks, ANestedCheckpointUsingAnEnclosingModulesWeightIsAnError) {
+  // Inside the outer recompute, w's weight leads to the outer checkpoint's
+  // sink; the inner checkpoint differentiates only for `a`, so w's share
+  // of the gradient would be lost if any sink were accepted.
+  torch::nn::Linear a(3, 3), w(3, 3);
+  auto x = torch::randn({2, 3}, torch::requires_grad());
+  auto y = torchrev::checkpoint(
+      {a.ptr(), w.ptr()},
+      [&](const torch::Tensor& in) {
+        return torchrev::checkpoint(
+            {a.ptr()},
+            [&](const torch::Tensor& h) { return a(h) + w(h); },
+            in);
+      },
+      x);
+  EXPECT_ERROR_CONTAINS(
+      y.sum().backward(),
+      "torchrev::checkpoint",
+      "uses a tensor that requires grad");
+}
+
 TEST(RevStageChecks, AnOptimizerStepBetweenForwardAndBackwardIsAnError) {
   torch::manual_seed(71);
   auto stage = mlp_stage(3, 2);

@@ -84,7 +84,12 @@ struct CheckpointFunction
     if (state->preserve_rng_state) {
       state->rng = detail::RngState::capture(x.device());
     }
-    auto y = state->function(x);
+    torch::Tensor y;
+    {
+      // No grad-less casts of the weights may outlive this forward.
+      detail::AutocastCacheDisabledGuard no_autocast_cache;
+      y = state->function(x);
+    }
     ctx->save_for_backward({x});
     ctx->saved_data["state"] = c10::IValue::make_capsule(state);
     return y;
@@ -137,7 +142,12 @@ struct CheckpointFunction
       y = state->function(x);
     }
     detail::check_no_outside_dependencies(
-        y, x, scope, "torchrev::checkpoint", "the checkpointed function");
+        y,
+        x,
+        params,
+        scope,
+        "torchrev::checkpoint",
+        "the checkpointed function");
     torch::autograd::variable_list grads(2 + params.size());
     if (!y.requires_grad()) {
       return grads;

@@ -152,12 +152,13 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     const auto i = static_cast<size_t>(index);
     TORCH_CHECK(
         i < state->blocks.size() &&
-            state->split_dims.size() == state->blocks.size(),
+            state->split_dims.size() == state->blocks.size() &&
+            state->names.size() == state->blocks.size(),
         "torchrev: RevBlockFunction: block index ",
         index,
         " is out of range for a stage of ",
         state->blocks.size(),
-        " blocks (was RevStageState::resize() called?)");
+        " blocks (are names set, and was RevStageState::resize() called?)");
     TORCH_CHECK(
         inputs.size() == (i == 0 ? 1u : 2u),
         "torchrev: RevBlockFunction: block ",
@@ -174,7 +175,8 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     }
 
     // Grad mode is off here (Function::apply turns it off), so the block
-    // keeps nothing.
+    // keeps nothing; nor may autocast cache grad-less casts of its weights.
+    detail::AutocastCacheDisabledGuard no_autocast_cache;
     Halves h = i == 0
         ? split_checked(block, inputs[0], where)
         : resplit(
@@ -282,7 +284,7 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
         g_out = block.checked_g(y1_leaf, where);
       }
       detail::check_no_outside_dependencies(
-          g_out, y1_leaf, g_scope, where, "G");
+          g_out, y1_leaf, params, g_scope, where, "G");
       x.second = y.second - g_out.detach();
       y.second = torch::Tensor(); // each tensor is released once it is used
       auto g_grads = differentiate(g_out, y1_leaf, params, dy.second);
@@ -307,7 +309,7 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
         f_out = block.checked_f(x2_leaf, where);
       }
       detail::check_no_outside_dependencies(
-          f_out, x2_leaf, f_scope, where, "F");
+          f_out, x2_leaf, params, f_scope, where, "F");
       x.first = y.first - f_out.detach();
       y.first = torch::Tensor();
       auto f_grads = differentiate(f_out, x2_leaf, params, dx.first);
@@ -331,7 +333,11 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       x = split_views(torch::cat({x.first, x.second}, dim), previous_dim);
       dx = split_views(torch::cat({dx.first, dx.second}, dim), previous_dim);
     }
-    state->reconstructed[i - 1] = std::move(x);
+    // Node i-1 runs only if some gradient flows into it; otherwise the
+    // reconstruction would stay alive, unused, until the graph is freed.
+    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
+      state->reconstructed[i - 1] = std::move(x);
+    }
     grads[2] = std::move(dx.first);
     grads[3] = std::move(dx.second);
     return grads;

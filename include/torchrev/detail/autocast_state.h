@@ -48,6 +48,30 @@ struct AutocastState {
   }
 };
 
+/// RAII: turns autocast's cache of cast weights off, then restores it.
+/// Under grad mode off (a Function's forward) LibTorch 1.13 still caches the
+/// casts of weights that require grad, without a grad_fn; a recompute, or the
+/// caller's own later use of the weight in the same autocast region, would
+/// then reuse a cast that gives the weight no gradient (pytorch issue
+/// 112583, fixed in 2.x). Casting afresh costs a little time under autocast
+/// and nothing otherwise.
+class AutocastCacheDisabledGuard {
+ public:
+  AutocastCacheDisabledGuard()
+      : previous_(at::autocast::is_autocast_cache_enabled()) {
+    at::autocast::set_autocast_cache_enabled(false);
+  }
+  ~AutocastCacheDisabledGuard() {
+    at::autocast::set_autocast_cache_enabled(previous_);
+  }
+  AutocastCacheDisabledGuard(const AutocastCacheDisabledGuard&) = delete;
+  AutocastCacheDisabledGuard& operator=(const AutocastCacheDisabledGuard&) =
+      delete;
+
+ private:
+  bool previous_;
+};
+
 /// RAII: runs a recompute under a saved autocast state, then restores the
 /// thread's own. Like entering and leaving `torch.autocast`, it counts the
 /// nesting and clears autocast's cache of cast weights when the outermost
@@ -74,6 +98,7 @@ class AutocastStateGuard {
  private:
   AutocastState previous_;
   bool active_;
+  AutocastCacheDisabledGuard no_cache_;
 };
 
 } // namespace detail

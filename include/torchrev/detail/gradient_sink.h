@@ -26,10 +26,12 @@
 // Thread safety: a parameter's gradient accumulator is shared by every graph
 // that uses it. While a guard is alive, a graph built in another thread from
 // the same parameters would route their gradients to the sink, where they are
-// lost. Do not run a forward pass through a stage's modules in one thread
-// while a backward through that stage runs in another (running the
-// recompute's BatchNorm layers concurrently is unsafe for the same kind of
-// reason; see `RecomputeGuard`).
+// lost; two backward passes through graphs that share parameters, run at the
+// same time in two threads, would swap each other's accumulators. So while a
+// backward through a stage (or a checkpoint) runs, do not run a forward or
+// another backward through the same modules in another thread (the
+// recompute's BatchNorm statistics freeze has the same limit; see
+// `RecomputeGuard`). Sequential use, and nested stages, are safe.
 
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/function.h>
@@ -74,21 +76,23 @@ class GradientSinkGuard {
  public:
   explicit GradientSinkGuard(const std::vector<torch::Tensor>& params) {
     saved_.reserve(params.size());
-    for (const auto& param : params) {
-      NodePtr sink = make_node<NodePtr, GradientSink>(param);
-      saved_.push_back(
-          {param,
-           torch::autograd::impl::try_get_grad_accumulator(param),
-           sink});
-      torch::autograd::impl::set_grad_accumulator(param, WeakNodePtr(sink));
+    try {
+      for (const auto& param : params) {
+        NodePtr sink = make_node<NodePtr, GradientSink>(param);
+        saved_.push_back(
+            {param,
+             torch::autograd::impl::try_get_grad_accumulator(param),
+             sink});
+        torch::autograd::impl::set_grad_accumulator(param, WeakNodePtr(sink));
+      }
+    } catch (...) {
+      restore();
+      throw;
     }
   }
 
   ~GradientSinkGuard() {
-    for (auto& entry : saved_) {
-      torch::autograd::impl::set_grad_accumulator(
-          entry.param, WeakNodePtr(entry.accumulator));
-    }
+    restore();
   }
 
   GradientSinkGuard(const GradientSinkGuard&) = delete;
@@ -111,6 +115,20 @@ class GradientSinkGuard {
     } else {
       return c10::make_intrusive<Sink>(param);
     }
+  }
+
+  /// Puts back each accumulator this guard replaced, last first, and only
+  /// where the parameter still points at this guard's sink (a nested guard
+  /// restores its own first).
+  void restore() noexcept {
+    for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) {
+      if (torch::autograd::impl::try_get_grad_accumulator(it->param).get() ==
+          it->sink.get()) {
+        torch::autograd::impl::set_grad_accumulator(
+            it->param, WeakNodePtr(it->accumulator));
+      }
+    }
+    saved_.clear();
   }
 
   struct Entry {

@@ -11,13 +11,12 @@
 // where a recompute starts; `check_no_outside_dependencies` then walks the
 // recomputed graph and raises an error naming the block if any edge leaves it
 // for something other than the recompute's input leaf or the parameters'
-// gradient sinks.
-
-#include <torchrev/detail/gradient_sink.h>
+// gradient edges (their sinks).
 
 #include <ATen/SequenceNumber.h>
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/types.h>
 
@@ -45,22 +44,36 @@ struct RecomputeScope {
 };
 
 /// Throws if the graph of `out`, recomputed in `scope` from the leaf `input`
-/// (and from parameters whose accumulators are gradient sinks), depends on
-/// any other tensor that requires grad. `where` and `what` name the
-/// computation in the message, e.g. "torchrev::RevSequential block 2 (...)"
-/// and "F".
+/// and from `params` (while `sinks` stands in for their accumulators),
+/// depends on any other tensor that requires grad. `where` and `what` name
+/// the computation in the message, e.g. "torchrev::RevSequential block 2
+/// (...)" and "F".
+///
+/// Only the exact nodes that the requested gradients are captured at may be
+/// left: this call's sinks (not those of an enclosing recompute, whose
+/// gradients this call's `grad` would not return), the gradient edge of
+/// each parameter (a sink, or the grad_fn of a parameter that is not a leaf,
+/// such as a data-parallel replica's), and the input's accumulator. A leaf
+/// created with requires_grad inside F or G is reported too, although plain
+/// autograd would accept it.
 inline void check_no_outside_dependencies(
     const torch::Tensor& out,
     const torch::Tensor& input,
+    const std::vector<torch::Tensor>& params,
     const RecomputeScope& scope,
     const std::string& where,
     const char* what) {
   if (!out.defined() || !out.grad_fn()) {
     return;
   }
-  const torch::autograd::Node* input_accumulator = input.defined()
-      ? torch::autograd::impl::try_get_grad_accumulator(input).get()
-      : nullptr;
+  std::unordered_set<const torch::autograd::Node*> allowed;
+  if (input.defined()) {
+    allowed.insert(
+        torch::autograd::impl::try_get_grad_accumulator(input).get());
+  }
+  for (const auto& p : params) {
+    allowed.insert(torch::autograd::impl::gradient_edge(p).function.get());
+  }
   std::vector<torch::autograd::Node*> pending{out.grad_fn().get()};
   std::unordered_set<const torch::autograd::Node*> seen{pending.front()};
   while (!pending.empty()) {
@@ -68,9 +81,14 @@ inline void check_no_outside_dependencies(
     pending.pop_back();
     for (const auto& edge : node->next_edges()) {
       torch::autograd::Node* next = edge.function.get();
-      if (next == nullptr || next == input_accumulator ||
-          !seen.insert(next).second ||
-          dynamic_cast<GradientSink*>(next) != nullptr) {
+      if (next == nullptr || allowed.count(next) != 0 ||
+          !seen.insert(next).second) {
+        continue;
+      }
+      // An op without a derivative leaves an Error node (numbered like an
+      // accumulator on 2.x); its own error says more than ours would.
+      if (dynamic_cast<torch::autograd::Error*>(next) != nullptr) {
+        pending.push_back(next);
         continue;
       }
       TORCH_CHECK(
