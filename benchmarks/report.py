@@ -2,7 +2,8 @@
 """Turns memory_bench's JSON results into Markdown tables and gnuplot data.
 
 Usage: report.py RESULTS_DIR
-Reads cpu_zoo.json, cpu_depth_sweep.json and cpu_budget.json (those present)
+Reads cpu_zoo.json, cpu_depth_sweep.json, cpu_budget.json and cpu_drift.json
+(those present)
 and writes results.md, zoo.tsv and depth_sweep.tsv beside them. Every number
 comes from the JSON; nothing is typed in by hand.
 """
@@ -16,6 +17,21 @@ MIB = 1 << 20
 def load(path):
     with open(path) as f:
         return json.load(f)
+
+
+def drift_table(doc):
+    out = ["| blocks | conv weights | inverse error | plain f32 grad x / params | anchor_every | reversible grad x / params | peak MiB |",
+           "|---:|---|---:|---:|---:|---:|---:|"]
+    def e(value):  # NaN and infinity are written to JSON as null
+        return "{:.1e}".format(value) if value is not None else "nan"
+    for r in doc["results"]:
+        out.append("| {} | x{:g} | {} | {} / {} | {} | {} / {} | {:.2f} |".format(
+            r["blocks"], r["scale"], e(r["inverse_error"]), e(r["plain_grad_x_error"]),
+            e(r["plain_grad_params_error"]),
+            r["anchor_every"] if r["anchor_every"] else "none",
+            e(r["grad_x_error"]), e(r["grad_params_error"]),
+            r["peak_activation_bytes"] / MIB))
+    return "\n".join(out)
 
 
 def by_key(results):
@@ -118,6 +134,16 @@ def main():
         doc = load(budget_path)
         md += ["## Largest batch within a memory budget", "",
                "Command: `{}`".format(doc["command"]), "", budget_table(doc), ""]
+    drift_path = os.path.join(d, "cpu_drift.json")
+    if os.path.exists(drift_path):
+        doc = load(drift_path)
+        c = doc["config"]
+        md += ["## Gradient drift of deep float32 stages", "",
+               "Blocks: {}, {} + {} channels, batch {}, {}x{}; errors against float64 "
+               "plain autograd, max |a - b| / max |b|.".format(
+                   c["block"], c["half_channels"], c["half_channels"], c["batch"],
+                   c["size"], c["size"]),
+               "Command: `{}`".format(doc["command"]), "", drift_table(doc), ""]
     with open(os.path.join(d, "results.md"), "w") as f:
         f.write("\n".join(md))
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Reproduces benchmarks/results/: the model zoo at batch 32, the depth sweep
-# and the largest batch within a memory budget, on this machine's CPU, then
-# the Markdown tables and the plots. Takes about 15 minutes on 2 cores.
+# the largest batch within a memory budget and the float32 gradient drift, on
+# this machine's CPU, then the Markdown tables and the plots. Takes about 5
+# minutes on 2 cores.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/setup.sh"
 for p in gnuplot-nox python3; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" ||
     apt-get install -y -qq --no-install-recommends "$p" >/dev/null
 done
-cmake --build "$TORCHREV_BUILD" -j"$jobs" --target memory_bench
+cmake --build "$TORCHREV_BUILD" -j"$jobs" --target memory_bench drift_bench
 bench="$TORCHREV_BUILD/benchmarks/memory_bench"
 out="$TORCHREV_ROOT/benchmarks/results"
 mkdir -p "$out"
@@ -22,6 +23,10 @@ threads=${THREADS:-2}
 "$bench" --models resnet110,revnet110 --modes reversible,hybrid --steps 1 \
   --repeats 1 --budget-mib 256 --threads "$threads" \
   --json "$out/cpu_budget.json" | tee "$out/cpu_budget.txt"
+# Gradient drift of deep float32 stages, with and without anchors.
+"$TORCHREV_BUILD/benchmarks/drift_bench" --blocks 16,64,256 \
+  --anchors 0,8,16,32 --scales 1,3 --threads "$threads" \
+  --json "$out/cpu_drift.json" | tee "$out/cpu_drift.txt"
 # Peak RSS of building each model alone (the baseline for maxrss_kib).
 for m in resnet110 revnet110; do
   "$bench" --models "$m" --modes reversible --steps 0 --json "$out/cpu_rss_$m.json" >/dev/null

@@ -23,9 +23,10 @@ void train_step(
   y.pow(2).mean().backward();
 }
 
-StepMemory measure_step(int depth, bool reversible) {
+StepMemory measure_step(int depth, bool reversible, int64_t anchor_every = 0) {
   torch::manual_seed(40);
   auto stage = conv_stage(depth, /*half=*/4);
+  stage->options.anchor_every(anchor_every);
   auto x = torch::randn({8, 8, 32, 32});
   train_step(stage, x, reversible); // warm-up: allocates the .grad tensors
   for (auto& p : stage->parameters()) {
@@ -118,6 +119,21 @@ TEST(RevSequentialMemory, A64BlockStageNeedsAtMost1Point1TimesAn8BlockStage) {
             << rev8.peak << ", depth 64 = " << rev64.peak << " (x" << ratio
             << ")" << std::endl;
   EXPECT_LE(ratio, 1.10);
+}
+
+TEST(RevSequentialMemory, EachAnchorKeepsOneActivation) {
+  // 64 blocks, anchor_every 8: blocks 8, 16, ..., 56 keep their outputs
+  // (the 64th is the stage output, kept anyway): 7 activations of
+  // 8 x 8 x 32 x 32 floats each.
+  const auto none = measure_step(64, true);
+  const auto anchored = measure_step(64, true, 8);
+  const double activation = 8.0 * 8 * 32 * 32 * sizeof(float);
+  const double extra = (double(anchored.peak) - double(none.peak)) / activation;
+  std::cout << "[ memory   ] anchor_every 8 on 64 blocks: peak "
+            << anchored.peak << " vs " << none.peak << " bytes (" << extra
+            << " activations)" << std::endl;
+  EXPECT_GE(extra, 6.0);
+  EXPECT_LE(extra, 8.0);
 }
 
 TEST(RevSequentialMemory, NothingStaysAllocatedAfterATrainingStep) {

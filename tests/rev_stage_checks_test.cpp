@@ -107,9 +107,7 @@ TEST(RevStageChecks, ANestedCheckpointUsingAnEnclosingModulesWeightIsAnError) {
       {a.ptr(), w.ptr()},
       [&](const torch::Tensor& in) {
         return torchrev::checkpoint(
-            {a.ptr()},
-            [&](const torch::Tensor& h) { return a(h) + w(h); },
-            in);
+            {a.ptr()}, [&](const torch::Tensor& h) { return a(h) + w(h); }, in);
       },
       x);
   EXPECT_ERROR_CONTAINS(

@@ -33,6 +33,18 @@ struct RevSequentialOptions {
   /// left untouched. Costs two small snapshots per block; set false only when
   /// no block draws random numbers.
   TORCH_ARG(bool, preserve_rng_state) = true;
+
+  /// Bounded drift: keep the activation after every `anchor_every`-th block
+  /// (0, the default: keep none but the stage output). The backward
+  /// reconstructs each block's input from its output, so rounding errors
+  /// compound over the blocks between two kept activations; with anchors they
+  /// compound over at most `anchor_every` blocks, for depth / anchor_every
+  /// more activations in memory. Worth it for deep stages in float32 or
+  /// lower precision whose blocks amplify errors (see the README's drift
+  /// table for measured errors).
+  ///
+  /// Example: `RevSequentialOptions().anchor_every(16)`.
+  TORCH_ARG(int64_t, anchor_every) = 0;
 };
 
 /// A stage of reversible blocks trained without storing activations.
@@ -143,6 +155,12 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
       state->names.push_back(block_name(i));
     }
     state->preserve_rng_state = options.preserve_rng_state();
+    TORCH_CHECK(
+        options.anchor_every() >= 0,
+        "torchrev::RevSequential: anchor_every must be 0 (no anchors) or "
+        "positive, but got ",
+        options.anchor_every());
+    state->anchor_every = options.anchor_every();
     state->resize();
     torch::autograd::variable_list h{x};
     for (size_t i = 0; i < blocks_.size(); ++i) {
@@ -231,9 +249,18 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
   /// the defaults.
   void pretty_print(std::ostream& stream) const override {
     stream << "torchrev::RevSequential";
-    if (options.preserve_rng_state() !=
-        RevSequentialOptions().preserve_rng_state()) {
-      stream << "(preserve_rng_state=false)";
+    const RevSequentialOptions defaults;
+    const char* separator = "(";
+    if (options.preserve_rng_state() != defaults.preserve_rng_state()) {
+      stream << separator << "preserve_rng_state=false";
+      separator = ", ";
+    }
+    if (options.anchor_every() != defaults.anchor_every()) {
+      stream << separator << "anchor_every=" << options.anchor_every();
+      separator = ", ";
+    }
+    if (separator[0] == ',') {
+      stream << ")";
     }
   }
 

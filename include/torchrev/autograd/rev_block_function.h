@@ -11,7 +11,10 @@
 //            its input, and only the last node saves its output (the stage
 //            output y_n), so nothing but that and small per-block RNG
 //            snapshots outlives the forward. Between blocks the activation
-//            stays in two dense halves. The stage input is never saved, freed
+//            stays in two dense halves. (With `anchor_every` = k, every k-th
+//            node also saves its output, so that the backward's
+//            reconstruction restarts there: rounding errors then compound
+//            over at most k blocks.) The stage input is never saved, freed
 //            or written to: the caller may still hold it (a ReLU before the
 //            stage saves it).
 //
@@ -93,6 +96,15 @@ struct RevStageState : torch::CustomClassHolder {
   std::vector<std::string> names;
   /// Whether to snapshot and replay the random generators.
   bool preserve_rng_state = true;
+  /// Keep the output of every `anchor_every`-th block (0: none); see
+  /// `RevSequentialOptions::anchor_every`.
+  int64_t anchor_every = 0;
+
+  /// Whether block i's node keeps its output (the stage output, or an anchor).
+  bool keeps_output(size_t i) const {
+    return i + 1 == blocks.size() ||
+        (anchor_every > 0 && (i + 1) % static_cast<size_t>(anchor_every) == 0);
+  }
 
   // Filled by the forward, one entry per block.
 
@@ -203,6 +215,10 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     ctx->saved_data["state"] = c10::IValue::make_capsule(state);
     ctx->saved_data["index"] = index;
     if (i + 1 < state->blocks.size()) {
+      if (state->keeps_output(i)) {
+        // An anchor: the backward restarts the reconstruction from here.
+        ctx->save_for_backward({y1, y2});
+      }
       return {std::move(y1), std::move(y2)};
     }
     // Saving the stage output (no input of any block) is what makes memory
@@ -239,6 +255,10 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       auto saved = ctx->get_saved_variables();
       y = split_views(saved[0].detach(), dim);
       dy = split_views(grad_outputs[0].detach(), dim);
+    } else if (state->keeps_output(i)) {
+      auto saved = ctx->get_saved_variables();
+      y = Halves{saved[0].detach(), saved[1].detach(), dim};
+      dy = Halves{grad_outputs[0].detach(), grad_outputs[1].detach(), dim};
     } else {
       y = std::move(state->reconstructed[i]);
       state->reconstructed[i] = Halves();
@@ -335,7 +355,9 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     }
     // Node i-1 runs only if some gradient flows into it; otherwise the
     // reconstruction would stay alive, unused, until the graph is freed.
-    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
+    // Nor does an anchor need it: it kept its own output.
+    if ((ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) &&
+        !state->keeps_output(i - 1)) {
       state->reconstructed[i - 1] = std::move(x);
     }
     grads[2] = std::move(dx.first);
