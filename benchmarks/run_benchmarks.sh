@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces benchmarks/results/: the model zoo at batch 32, the depth sweep
+# Reproduces benchmarks/results/: the model zoo at batch 32, the depth sweep,
 # the largest batch within a memory budget and the float32 gradient drift, on
 # this machine's CPU, then the Markdown tables and the plots. Takes about 5
 # minutes on 2 cores.

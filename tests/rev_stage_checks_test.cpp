@@ -3,6 +3,10 @@
 
 #include "test_util.h"
 
+#include <atomic>
+#include <mutex>
+#include <thread>
+
 using namespace torchrev::testing;
 
 namespace {
@@ -228,4 +232,52 @@ TEST(CPUMemoryMeter, AFailedAllocationDoesNotRaiseThePeak) {
   // 4 PiB: the system allocator refuses it.
   EXPECT_THROW(torch::empty({int64_t(1) << 50}, torch::kFloat32), c10::Error);
   EXPECT_EQ(meter.peak_bytes(), peak);
+}
+
+TEST(RevStageChecks, TwoThreadsTrainingOneStageLoseNoBatchNormStatistics) {
+  // Each thread runs forward + backward on the same stage. A forward that
+  // overlaps another thread's recompute would find the BatchNorm statistics
+  // detached; torchrev refuses it with a clear error instead, and the
+  // statistics survive every run.
+  constexpr int kSteps = 30;
+  auto stage = conv_stage(4, 2);
+  std::atomic<int> refused{0};
+  std::atomic<int> trained{0};
+  std::vector<std::string> other_errors;
+  std::mutex errors_mutex;
+  auto work = [&](int seed) {
+    auto x = torch::randn({4, 4, 8, 8}, torch::requires_grad());
+    for (int step = 0; step < kSteps; ++step) {
+      try {
+        stage(x * (seed + 1)).pow(2).sum().backward();
+        ++trained;
+      } catch (const c10::Error& e) {
+        const std::string message = e.what_without_backtrace();
+        if (message.find("another thread") != std::string::npos) {
+          ++refused;
+        } else {
+          std::lock_guard<std::mutex> lock(errors_mutex);
+          other_errors.push_back(message);
+        }
+      }
+    }
+  };
+  std::thread a(work, 0), b(work, 1);
+  a.join();
+  b.join();
+  EXPECT_TRUE(other_errors.empty())
+      << other_errors.size() << " unexpected errors, first: "
+      << (other_errors.empty() ? "" : other_errors.front());
+  EXPECT_EQ(refused + trained, 2 * kSteps);
+  EXPECT_GT(trained, 0);
+  std::cout << "[ threads  ] " << trained << " steps trained, " << refused
+            << " refused" << std::endl;
+  for (const auto& item : stage->named_buffers()) {
+    SCOPED_TRACE(item.key());
+    ASSERT_TRUE(item.value().defined());
+  }
+  // Still usable for evaluation.
+  stage->eval();
+  torch::NoGradGuard no_grad;
+  EXPECT_NO_THROW(stage(torch::randn({2, 4, 8, 8})));
 }

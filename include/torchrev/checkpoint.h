@@ -14,6 +14,7 @@
 // each), but it works for any module, including ones that change shape.
 
 #include <torchrev/detail/autocast_state.h>
+#include <torchrev/detail/concurrent_use.h>
 #include <torchrev/detail/gradient_sink.h>
 #include <torchrev/detail/outside_dependencies.h>
 #include <torchrev/detail/replay_checks.h>
@@ -29,6 +30,7 @@
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
+#include <deque>
 #include <functional>
 #include <memory>
 #include <ostream>
@@ -132,6 +134,13 @@ struct CheckpointFunction
     // accumulators until the gradients are taken, so parameter hooks run once,
     // in the outer backward (see detail/gradient_sink.h).
     detail::GradientSinkGuard sinks(params);
+    std::deque<detail::BlockUse> uses;
+    for (const auto& module : state->modules) {
+      uses.emplace_back(
+          module.get(),
+          detail::BlockUse::Kind::kRecompute,
+          "torchrev::checkpoint (" + module->name() + ")");
+    }
     torch::Tensor y;
     detail::RecomputeScope scope;
     {
@@ -194,6 +203,13 @@ inline torch::Tensor checkpoint(
   }
   TORCH_CHECK(
       x.defined(), "torchrev::checkpoint: expected a defined input tensor");
+  std::deque<detail::BlockUse> uses;
+  for (const auto& module : modules) {
+    uses.emplace_back(
+        module.get(),
+        detail::BlockUse::Kind::kForward,
+        "torchrev::checkpoint (" + module->name() + ")");
+  }
   auto params = autograd::trainable_parameters(modules);
   if (!torch::GradMode::is_enabled() ||
       (!x.requires_grad() && params.empty())) {

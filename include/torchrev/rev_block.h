@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchrev/detail/concurrent_use.h>
 #include <torchrev/recompute.h>
 
 #include <torch/arg.h>
@@ -106,7 +107,9 @@ class RevBlockBase : public torch::nn::Module {
   /// y = cat(x1 + F(x2), x2 + G(y1)) with plain autograd. Use a
   /// `torchrev::RevSequential` to train without storing activations.
   torch::Tensor forward(const torch::Tensor& x) {
-    return forward_checked(x, describe());
+    const auto where = describe();
+    detail::BlockUse use(this, detail::BlockUse::Kind::kForward, where);
+    return forward_checked(x, where);
   }
 
   /// Reconstructs the block's input from its output: x2 = y2 - G(y1),
@@ -244,6 +247,7 @@ class RevBlockBase : public torch::nn::Module {
       const torch::Tensor& y,
       const std::string& where) {
     check_splittable(y, where);
+    detail::BlockUse exclusive(this, detail::BlockUse::Kind::kRecompute, where);
     detail::RecomputeGuard recompute(*this);
     auto [y1, y2] = split(y);
     auto x2 = y2 - checked_g(y1, where);

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <torchrev/autograd/rev_block_function.h>
+#include <torchrev/detail/concurrent_use.h>
 #include <torchrev/rev_block.h>
 
 #include <torch/arg.h>
@@ -10,6 +11,7 @@
 #include <torch/types.h>
 
 #include <cstddef>
+#include <deque>
 #include <memory>
 #include <ostream>
 #include <string>
@@ -128,6 +130,14 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
         x.defined(),
         "torchrev::RevSequential: expected a defined input tensor, but got an "
         "undefined one");
+
+    // Another thread must not recompute these blocks meanwhile (see
+    // detail/concurrent_use.h).
+    std::deque<detail::BlockUse> uses;
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      uses.emplace_back(
+          blocks_[i].get(), detail::BlockUse::Kind::kForward, block_name(i));
+    }
 
     std::vector<std::vector<torch::Tensor>> params;
     params.reserve(blocks_.size());

@@ -58,6 +58,7 @@
 // statistics a second time (see `detail::RecomputeGuard`).
 
 #include <torchrev/detail/autocast_state.h>
+#include <torchrev/detail/concurrent_use.h>
 #include <torchrev/detail/gradient_sink.h>
 #include <torchrev/detail/outside_dependencies.h>
 #include <torchrev/detail/replay_checks.h>
@@ -284,6 +285,8 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     Halves x{torch::Tensor(), torch::Tensor(), dim};
     Halves dx{torch::Tensor(), torch::Tensor(), dim};
     {
+      detail::BlockUse exclusive(
+          &block, detail::BlockUse::Kind::kRecompute, where);
       torch::AutoGradMode enable_grad(true);
       detail::RecomputeGuard recompute(block);
       // Until the block's gradients are taken, the recomputed graph leads to
