@@ -108,19 +108,8 @@ struct CheckpointFunction
     auto state = c10::static_intrusive_pointer_cast<CheckpointState>(
         ctx->saved_data["state"].toCapsule());
     const auto& params = state->params;
-    const auto now = trainable_parameters(state->modules);
-    bool same = now.size() == params.size();
-    for (size_t k = 0; same && k < now.size(); ++k) {
-      same = now[k].unsafeGetTensorImpl() == params[k].unsafeGetTensorImpl();
-    }
-    TORCH_CHECK(
-        same,
-        "torchrev::checkpoint: the parameters requiring grad changed between "
-        "forward and backward (",
-        params.size(),
-        " then ",
-        now.size(),
-        "); change requires_grad only between steps");
+    detail::check_same_parameters(
+        trainable_parameters(state->modules), params, "torchrev::checkpoint");
     if (!params.empty()) { // then there is a module to name them by
       detail::check_versions(
           params,

@@ -112,14 +112,12 @@ inline void check_versions(
   }
 }
 
-/// Throws unless `module`'s parameters that require grad are still exactly
-/// `forward_params`, each at its forward version.
-inline void check_parameters_unchanged(
-    const torch::nn::Module& module,
+/// Throws unless `now` (the parameters requiring grad at backward) are
+/// exactly `forward_params`, the same tensors in the same order.
+inline void check_same_parameters(
+    const std::vector<torch::Tensor>& now,
     const std::vector<torch::Tensor>& forward_params,
-    const std::vector<uint32_t>& forward_versions,
     const std::string& where) {
-  const auto now = trainable_parameters(module);
   bool same = now.size() == forward_params.size();
   for (size_t k = 0; same && k < now.size(); ++k) {
     same =
@@ -134,6 +132,16 @@ inline void check_parameters_unchanged(
       " then ",
       now.size(),
       "); change requires_grad only between steps");
+}
+
+/// Throws unless `module`'s parameters that require grad are still exactly
+/// `forward_params`, each at its forward version.
+inline void check_parameters_unchanged(
+    const torch::nn::Module& module,
+    const std::vector<torch::Tensor>& forward_params,
+    const std::vector<uint32_t>& forward_versions,
+    const std::string& where) {
+  check_same_parameters(trainable_parameters(module), forward_params, where);
   check_versions(forward_params, forward_versions, module, where);
 }
 
