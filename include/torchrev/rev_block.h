@@ -205,29 +205,21 @@ class RevBlockBase : public torch::nn::Module {
   /// Calls F and checks that it preserved the shape, dtype and device of its
   /// input. An error raised inside F gets a line naming the block.
   torch::Tensor checked_f(const torch::Tensor& x2, const std::string& where) {
-    torch::Tensor out;
-    try {
-      out = forward_f(x2);
-    } catch (c10::Error& e) {
-      add_block_context(e, x2, "F", where);
-      throw;
-    }
-    check_residual(out, x2, "F", where);
-    return out;
+    return checked_call(
+        [this](const torch::Tensor& in) { return forward_f(in); },
+        x2,
+        "F",
+        where);
   }
 
   /// Calls G and checks that it preserved the shape, dtype and device of its
   /// input. An error raised inside G gets a line naming the block.
   torch::Tensor checked_g(const torch::Tensor& y1, const std::string& where) {
-    torch::Tensor out;
-    try {
-      out = forward_g(y1);
-    } catch (c10::Error& e) {
-      add_block_context(e, y1, "G", where);
-      throw;
-    }
-    check_residual(out, y1, "G", where);
-    return out;
+    return checked_call(
+        [this](const torch::Tensor& in) { return forward_g(in); },
+        y1,
+        "G",
+        where);
   }
 
   /// The forward computation with input checks.
@@ -261,6 +253,25 @@ class RevBlockBase : public torch::nn::Module {
   }
 
  private:
+  /// `fn(in)` (F or G, named `which`), with torchrev context on its errors
+  /// and its result checked against `in`.
+  template <typename Fn>
+  static torch::Tensor checked_call(
+      Fn&& fn,
+      const torch::Tensor& in,
+      const char* which,
+      const std::string& where) {
+    torch::Tensor out;
+    try {
+      out = fn(in);
+    } catch (c10::Error& e) {
+      add_block_context(e, in, which, where);
+      throw;
+    }
+    check_residual(out, in, which, where);
+    return out;
+  }
+
   static void add_block_context(
       c10::Error& e,
       const torch::Tensor& in,
