@@ -1,12 +1,16 @@
 // cifar_train's command line: bad input gives one line and a non-zero exit,
 // and leaves no output file behind.
 
+#include "cifar_files.h"
 #include "process_util.h"
 
 #include <gtest/gtest.h>
 
+#include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <random>
+#include <thread>
 
 namespace fs = std::filesystem;
 using namespace torchrev::testing;
@@ -102,4 +106,165 @@ TEST(CifarTrainCli, BadInputFailsWithOneLineAndNoOutputFiles) {
       "/nonexistent/dir",
       scratch.dir,
       /*add_metrics=*/false);
+
+  // Numbers that would crash, overflow or train on NaN, each refused up
+  // front with the value that arrived.
+  write_cifar10_dir(scratch.dir / "tiny", 8, 4);
+  const std::string tiny =
+      " --batch-size 8 --data-dir " + (scratch.dir / "tiny").string();
+  expect_clean_failure("--world-size 0" + tiny, "--world-size 0", scratch.dir);
+  expect_clean_failure(
+      "--world-size 2 --rank 2" + tiny, "--rank 2", scratch.dir);
+  expect_clean_failure(
+      "--epochs 9223372036854775807" + tiny, "--epochs", scratch.dir);
+  expect_clean_failure("--lr inf" + tiny, "--lr", scratch.dir);
+  expect_clean_failure("--lr nan" + tiny, "--lr", scratch.dir);
+  expect_clean_failure("--momentum -1" + tiny, "--momentum", scratch.dir);
+  expect_clean_failure("--log-every -5" + tiny, "--log-every -5", scratch.dir);
+  expect_clean_failure(
+      "--dist-timeout nan" + tiny, "--dist-timeout", scratch.dir);
+  expect_clean_failure(
+      "--dist-timeout 1e300" + tiny, "--dist-timeout", scratch.dir);
+  // Output paths that are directories fail before training, not after.
+  expect_clean_failure(
+      "--checkpoint " + scratch.dir.string() + tiny,
+      "is a directory",
+      scratch.dir);
+  expect_clean_failure(
+      "--metrics " + scratch.dir.string() + tiny,
+      "is a directory",
+      scratch.dir,
+      /*add_metrics=*/false);
+  // A data dir without a data set is an error, not Fashion-MNIST.
+  expect_clean_failure(
+      "--data-dir " + (scratch.dir / "cifar").string() + "/..",
+      "holds neither",
+      scratch.dir);
+}
+
+namespace {
+
+std::string tiny_training(
+    const fs::path& dir,
+    const std::string& extra,
+    int steps = 12) {
+  return cifar_train_path() + " --data-dir " + (dir / "tiny").string() +
+      " --model revnet_mini --batch-size 8 --max-steps " +
+      std::to_string(steps) + " --threads 1 --checkpoint " +
+      (dir / "ck.pt").string() + " " + extra;
+}
+
+std::vector<std::string> temporaries(const fs::path& dir) {
+  std::vector<std::string> found;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    const auto name = entry.path().filename().string();
+    if (name.find(".tmp.") != std::string::npos) {
+      found.push_back(name);
+    }
+  }
+  return found;
+}
+
+std::string file_bytes(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(
+      std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+} // namespace
+
+TEST(CifarTrainCli, DiskFullDuringACheckpointLosesNothing) {
+  if (cifar_train_path().empty()) {
+    GTEST_SKIP() << "examples are not built";
+  }
+  Scratch scratch;
+  write_cifar10_dir(scratch.dir / "tiny", 8, 4);
+  auto first =
+      run(tiny_training(scratch.dir, "--checkpoint-every 1 --stop-after 3"));
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  EXPECT_NE(
+      first.output.find("stopped after step 3 of 12 as --stop-after asked"),
+      std::string::npos)
+      << first.output;
+  const auto before = file_bytes(scratch.dir / "ck.pt");
+  ASSERT_GT(before.size(), 4096u);
+  // A file-size limit of half the checkpoint: the next write fails the way
+  // a full disk does (EFBIG instead of ENOSPC).
+  auto full = run(
+      "bash -c 'ulimit -f " + std::to_string(before.size() / 2048) + "; exec " +
+      tiny_training(scratch.dir, "--checkpoint-every 1 --resume --quiet") +
+      "'");
+  EXPECT_NE(full.exit_code, 0) << full.output;
+  EXPECT_NE(
+      full.output.find("cifar_train: error: cannot write "), std::string::npos)
+      << full.output;
+  EXPECT_NE(
+      full.output.find("the previous file is unchanged"), std::string::npos)
+      << full.output;
+  EXPECT_EQ(full.output.find("terminate"), std::string::npos) << full.output;
+  EXPECT_EQ(file_bytes(scratch.dir / "ck.pt"), before);
+  EXPECT_TRUE(temporaries(scratch.dir).empty());
+  // Without the limit the run resumes from step 3 and finishes.
+  auto resumed =
+      run(tiny_training(scratch.dir, "--checkpoint-every 1 --resume"));
+  EXPECT_EQ(resumed.exit_code, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("resumed from step 3 of 12"), std::string::npos)
+      << resumed.output;
+  EXPECT_NE(resumed.output.find("ran 9 steps (3 to 12)"), std::string::npos)
+      << resumed.output;
+}
+
+TEST(CifarTrainCli, KilledWritersLoseNothingAndResumeExactly) {
+  if (cifar_train_path().empty()) {
+    GTEST_SKIP() << "examples are not built";
+  }
+  Scratch scratch;
+  write_cifar10_dir(scratch.dir / "tiny", 8, 4);
+  const auto reference_dir = scratch.dir / "reference";
+  fs::create_directories(reference_dir);
+  fs::create_directory_symlink(scratch.dir / "tiny", reference_dir / "tiny");
+  // About 25 ms a step here: a run of 60 outlasts most kill delays.
+  constexpr int kSteps = 60;
+  auto reference = run(tiny_training(reference_dir, "--quiet", kSteps));
+  ASSERT_EQ(reference.exit_code, 0) << reference.output;
+  const auto expected = value_of(reference.output, "param_checksum");
+  ASSERT_FALSE(expected.empty());
+
+  // SIGKILL at random moments of a run that checkpoints every step.
+  std::mt19937 rng(7);
+  int killed = 0;
+  for (int kill = 0; kill < 4; ++kill) {
+    const bool resume = fs::exists(scratch.dir / "ck.pt");
+    const int delay_ms = 300 + static_cast<int>(rng() % 1200);
+    auto outcome =
+        run("timeout -s KILL " + std::to_string(delay_ms / 1000.0) + " " +
+            tiny_training(
+                scratch.dir,
+                std::string("--checkpoint-every 1 --quiet") +
+                    (resume ? " --resume" : ""),
+                kSteps));
+    if (outcome.exit_code == 0) {
+      break; // finished before the kill
+    }
+    EXPECT_EQ(outcome.exit_code, 128 + SIGKILL) << outcome.output;
+    ++killed;
+  }
+  EXPECT_GE(killed, 1);
+  // A writer that died mid-write, as a kill can leave one.
+  const pid_t dead = ::fork();
+  if (dead == 0) {
+    ::_exit(0);
+  }
+  ::waitpid(dead, nullptr, 0);
+  std::ofstream(scratch.dir / ("ck.pt.tmp." + std::to_string(dead)))
+      << "partial";
+
+  const bool resume = fs::exists(scratch.dir / "ck.pt");
+  auto finished = run(tiny_training(
+      scratch.dir,
+      std::string("--checkpoint-every 1 --quiet") + (resume ? " --resume" : ""),
+      kSteps));
+  ASSERT_EQ(finished.exit_code, 0) << finished.output;
+  EXPECT_EQ(value_of(finished.output, "param_checksum"), expected);
+  EXPECT_TRUE(temporaries(scratch.dir).empty());
 }

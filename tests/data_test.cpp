@@ -2,6 +2,7 @@
 // real format, and Debian's real Fashion-MNIST files.
 
 #include "../examples/cifar/data.h"
+#include "cifar_files.h"
 
 #include <gtest/gtest.h>
 
@@ -10,6 +11,7 @@
 #include <random>
 
 namespace fs = std::filesystem;
+using torchrev::testing::write_cifar;
 
 namespace {
 
@@ -26,25 +28,6 @@ struct TempDir {
     fs::remove_all(path);
   }
 };
-
-/// Writes `n` CIFAR records; record i has label (i * 7) % classes and pixel
-/// value (i + channel + row + col) % 256, so the test can check decoding.
-void write_cifar(const fs::path& file, int n, int label_bytes, int classes) {
-  std::ofstream out(file, std::ios::binary);
-  for (int i = 0; i < n; ++i) {
-    if (label_bytes == 2) {
-      out.put(static_cast<char>(i % 20)); // coarse label
-    }
-    out.put(static_cast<char>((i * 7) % classes));
-    for (int c = 0; c < 3; ++c) {
-      for (int r = 0; r < 32; ++r) {
-        for (int k = 0; k < 32; ++k) {
-          out.put(static_cast<char>((i + c + r + k) % 256));
-        }
-      }
-    }
-  }
-}
 
 std::string error_of(const std::function<void()>& fn) {
   try {
@@ -145,4 +128,72 @@ TEST(FashionMnistReader, TruncatedGzipIsAClearError) {
   const auto message = error_of([&] { cifar::load_fashion_mnist(dir.path); });
   EXPECT_NE(message.find("t10k-images-idx3-ubyte.gz"), std::string::npos)
       << message;
+}
+
+TEST(FashionMnistReader, CraftedHeadersAreClearErrorsWithoutOverflow) {
+  using torchrev::testing::write_idx_gz;
+  TempDir dir;
+  // Valid labels for 2 images; the image file varies.
+  auto write_labels = [&](const char* name, uint32_t n) {
+    write_idx_gz(dir.path / name, {0x801, n}, std::vector<uint8_t>(n, 3));
+  };
+  write_labels("train-labels-idx1-ubyte.gz", 2);
+  write_labels("t10k-labels-idx1-ubyte.gz", 2);
+  write_idx_gz(
+      dir.path / "t10k-images-idx3-ubyte.gz",
+      {0x803, 2, 4, 4},
+      std::vector<uint8_t>(32, 7));
+  const auto images = dir.path / "train-images-idx3-ubyte.gz";
+  auto message_for = [&](const std::vector<uint32_t>& header, size_t bytes) {
+    write_idx_gz(images, header, std::vector<uint8_t>(bytes, 1));
+    return error_of([&] { cifar::load_fashion_mnist(dir.path); });
+  };
+  // Sizes whose product overflows 64 bits, or claims gigabytes.
+  for (const auto& header : std::vector<std::vector<uint32_t>>{
+           {0x803, 0xffffffffu, 0xffffffffu, 0xffffffffu},
+           {0x803, 0xffffffffu, 16384, 16384},
+           {0x803, 2, 0x80000000u, 2},
+           {0x803, 0, 4, 4}, // no images at all
+           {0x803, 2, 0, 4}}) {
+    const auto message = message_for(header, 32);
+    EXPECT_NE(message.find("train-images-idx3-ubyte.gz"), std::string::npos)
+        << message;
+  }
+  EXPECT_NE(
+      message_for({0x803, 0xffffffffu, 0xffffffffu, 0xffffffffu}, 32)
+          .find("header claims"),
+      std::string::npos);
+  EXPECT_NE(
+      message_for({0x803, 3, 4, 4}, 32).find("truncated"), std::string::npos);
+  // An empty file (no labels at all) is named too.
+  write_idx_gz(images, {0x803, 2, 4, 4}, std::vector<uint8_t>(32, 1));
+  write_idx_gz(dir.path / "train-labels-idx1-ubyte.gz", {0x801, 0}, {});
+  const auto message = error_of([&] { cifar::load_fashion_mnist(dir.path); });
+  EXPECT_NE(message.find("train-labels-idx1-ubyte.gz"), std::string::npos)
+      << message;
+  // The control: the same files, well formed, load.
+  write_labels("train-labels-idx1-ubyte.gz", 2);
+  EXPECT_EQ(cifar::load_fashion_mnist(dir.path).train.size(), 2);
+}
+
+TEST(CifarReader, DirectoryInPlaceOfAFileIsNamed) {
+  TempDir dir;
+  torchrev::testing::write_cifar10_dir(dir.path, 2, 2);
+  fs::remove(dir.path / "data_batch_3.bin");
+  fs::create_directory(dir.path / "data_batch_3.bin");
+  const auto message = error_of([&] { cifar::load_cifar10(dir.path); });
+  EXPECT_NE(
+      message.find("data_batch_3.bin: not a regular file"), std::string::npos)
+      << message;
+}
+
+TEST(CifarReader, AutoWithADataDirHoldingNoDataSetIsAnError) {
+  TempDir dir;
+  const auto message =
+      error_of([&] { cifar::load_dataset("auto", dir.path.string()); });
+  EXPECT_NE(message.find("holds neither CIFAR-10"), std::string::npos)
+      << message;
+  // With the files present, auto picks CIFAR-10.
+  torchrev::testing::write_cifar10_dir(dir.path, 2, 2);
+  EXPECT_EQ(cifar::load_dataset("auto", dir.path.string()).name, "cifar10");
 }

@@ -52,7 +52,20 @@ struct DataError : std::runtime_error {
 
 namespace detail {
 
+/// Throws DataError unless `path` is an existing regular file.
+inline void check_regular_file(const fs::path& path) {
+  std::error_code ec;
+  const auto status = fs::status(path, ec);
+  if (!fs::exists(status)) {
+    throw DataError(path.string() + ": missing");
+  }
+  if (!fs::is_regular_file(status)) {
+    throw DataError(path.string() + ": not a regular file");
+  }
+}
+
 inline std::vector<uint8_t> read_file(const fs::path& path) {
+  check_regular_file(path);
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     throw DataError("cannot open " + path.string());
@@ -62,6 +75,7 @@ inline std::vector<uint8_t> read_file(const fs::path& path) {
 }
 
 inline std::vector<uint8_t> read_gzip(const fs::path& path) {
+  check_regular_file(path);
   gzFile file = gzopen(path.c_str(), "rb");
   if (file == nullptr) {
     throw DataError("cannot open " + path.string());
@@ -151,28 +165,42 @@ inline Split idx_split(
     throw DataError(
         labels_path.string() + ": not an IDX label file (bad magic number)");
   }
-  const int64_t n = big_endian_u32(images, 4);
-  const int64_t rows = big_endian_u32(images, 8);
-  const int64_t cols = big_endian_u32(images, 12);
-  if (images.size() != size_t(16 + n * rows * cols)) {
+  // The header's sizes are checked against the bytes that arrived before
+  // anything is multiplied: a crafted header cannot overflow or allocate.
+  const uint64_t n = big_endian_u32(images, 4);
+  const uint64_t rows = big_endian_u32(images, 8);
+  const uint64_t cols = big_endian_u32(images, 12);
+  constexpr uint64_t kMaxSide = 1 << 14;
+  if (n == 0 || rows == 0 || cols == 0 || rows > kMaxSide || cols > kMaxSide) {
     throw DataError(
-        images_path.string() + ": truncated (expected " +
-        std::to_string(16 + n * rows * cols) + " bytes, got " +
-        std::to_string(images.size()) + ")");
+        images_path.string() + ": header claims " + std::to_string(n) +
+        " images of " + std::to_string(rows) + "x" + std::to_string(cols) +
+        " pixels; expected at least one image of 1 to " +
+        std::to_string(kMaxSide) + " pixels a side");
   }
-  if (big_endian_u32(labels, 4) != uint32_t(n) ||
-      labels.size() != size_t(8 + n)) {
+  const uint64_t payload = images.size() - 16;
+  if (payload / (rows * cols) != n || payload % (rows * cols) != 0) {
+    throw DataError(
+        images_path.string() + ": truncated or corrupt (the header claims " +
+        std::to_string(n) + " images of " + std::to_string(rows) + "x" +
+        std::to_string(cols) + ", the file holds " + std::to_string(payload) +
+        " bytes of pixels)");
+  }
+  if (big_endian_u32(labels, 4) != n || labels.size() - 8 != n) {
     throw DataError(
         labels_path.string() + ": expected " + std::to_string(n) +
         " labels to match the images, got a file of " +
         std::to_string(labels.size()) + " bytes");
   }
   Split split;
-  split.images =
-      torch::from_blob(images.data() + 16, {n, 1, rows, cols}, torch::kUInt8)
-          .clone();
-  split.labels =
-      torch::from_blob(labels.data() + 8, {n}, torch::kUInt8).to(torch::kInt64);
+  const auto count = static_cast<int64_t>(n);
+  split.images = torch::from_blob(
+                     images.data() + 16,
+                     {count, 1, int64_t(rows), int64_t(cols)},
+                     torch::kUInt8)
+                     .clone();
+  split.labels = torch::from_blob(labels.data() + 8, {count}, torch::kUInt8)
+                     .to(torch::kInt64);
   if (split.labels.max().item<int64_t>() > 9) {
     throw DataError(labels_path.string() + ": corrupt (label > 9)");
   }
@@ -279,7 +307,8 @@ inline Dataset load_fashion_mnist(const fs::path& dir = kFashionMnistDir) {
 
 /// Loads `name` ("auto", "cifar10", "cifar100", "fashion-mnist"). "auto"
 /// means CIFAR-10 when `data_dir` holds it, else Fashion-MNIST from
-/// `data_dir` if it holds it, else from Debian's location.
+/// `data_dir` if it holds it (an error when it holds neither), and
+/// Fashion-MNIST from Debian's location when no `data_dir` is given.
 inline Dataset load_dataset(
     const std::string& name,
     const std::string& data_dir) {
@@ -302,6 +331,15 @@ inline Dataset load_dataset(
     if (!data_dir.empty() &&
         fs::exists(fs::path(data_dir) / "train-images-idx3-ubyte.gz")) {
       return load_fashion_mnist(data_dir);
+    }
+    if (!data_dir.empty()) {
+      // A data dir was given for a reason: falling back to another data set
+      // would silently train on something else.
+      throw DataError(
+          "--data-dir " + data_dir +
+          " holds neither CIFAR-10 (data_batch_1.bin, test_batch.bin) nor "
+          "Fashion-MNIST (train-images-idx3-ubyte.gz); for CIFAR-100 pass "
+          "--dataset cifar100");
     }
     return load_fashion_mnist(kFashionMnistDir);
   }

@@ -17,15 +17,16 @@
 #include <malloc.h>
 #endif
 
+#include <cmath>
+#include <csignal>
 #include <cstdlib>
 #include <iostream>
 #include <string>
 
 namespace {
 
-/// The first line of an exception message (LibTorch appends backtraces).
 std::string first_line(const std::string& message) {
-  return message.substr(0, message.find('\n'));
+  return cifar::detail::first_line_of(message);
 }
 
 } // namespace
@@ -36,6 +37,9 @@ int main(int argc, char** argv) {
   // Late in training, tiny gradients and momentum values become denormal
   // floats, which slow CPU arithmetic down severalfold; flush them to zero.
   at::globalContext().setFlushDenormal(true);
+  // Past a file-size limit (ulimit -f), fail the write with EFBIG and a
+  // clear error instead of dying from the signal.
+  std::signal(SIGXFSZ, SIG_IGN);
 #ifdef __GLIBC__
   // Activations of a few MB are allocated and freed at every step; served by
   // mmap/munmap they cost page faults (measured: ~15% of the step time).
@@ -169,8 +173,17 @@ int main(int argc, char** argv) {
     }
     return app.exit(e); // --help
   }
-  dist.timeout =
-      std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
+  // At most a week: beyond that the cast to milliseconds is not meaningful.
+  if (!std::isfinite(timeout_s) || timeout_s <= 0 || timeout_s > 7 * 86400) {
+    fmt::print(
+        stderr,
+        "cifar_train: error: --dist-timeout {}: expected seconds in (0, "
+        "604800]\n",
+        timeout_s);
+    return 2;
+  }
+  dist.timeout = std::chrono::milliseconds(
+      std::max<int64_t>(1, static_cast<int64_t>(timeout_s * 1000)));
 
   try {
     cifar::Trainer trainer(config);
@@ -191,15 +204,39 @@ int main(int argc, char** argv) {
           dist.enabled() ? fmt::format(" per rank on {} ranks", dist.world_size)
                          : "");
     }
+    if (trainer.is_main_rank() && trainer.resumed_from() >= 0) {
+      fmt::print(
+          stderr,
+          "cifar_train: resumed from step {} of {} ({})\n",
+          trainer.resumed_from(),
+          trainer.total_steps(),
+          config.checkpoint);
+    }
     const auto result = trainer.run();
+    if (trainer.is_main_rank()) {
+      fmt::print(
+          stderr,
+          "cifar_train: ran {} steps ({} to {}) in {:.1f} s, {:.0f} images/s "
+          "in training\n",
+          result.steps_run,
+          result.steps - result.steps_run,
+          result.steps,
+          result.seconds,
+          result.train_images_per_s);
+    }
     if (trainer.is_main_rank() && result.steps == trainer.total_steps()) {
       fmt::print("test_accuracy={:.4f}\n", result.test_accuracy);
       fmt::print("peak_memory_bytes={}\n", result.peak_memory_bytes);
+      fmt::print("eval_peak_memory_bytes={}\n", result.eval_peak_memory_bytes);
+    } else if (trainer.is_main_rank()) {
       fmt::print(
           stderr,
-          "cifar_train: {} steps in {:.1f} s\n",
+          "cifar_train: stopped after step {} of {} as --stop-after asked{}\n",
           result.steps,
-          result.seconds);
+          trainer.total_steps(),
+          config.checkpoint.empty()
+              ? ""
+              : "; continue with --resume from the last checkpoint");
     }
     fmt::print("param_checksum={:.10e}\n", result.param_checksum);
   } catch (const c10::Error& e) {

@@ -5,12 +5,14 @@
 
 #include <fmt/core.h>
 
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 namespace cifar {
@@ -46,13 +48,10 @@ class Progress {
     const std::string test =
         test_acc >= 0 ? fmt::format(" test_acc {:.4f}", test_acc) : "";
     if (tty_) {
-      constexpr int kWidth = 30;
-      const int filled = int(kWidth * step / std::max<int64_t>(total_, 1));
-      fmt::print(
-          stderr,
-          "\r[{}{}] step {}/{} epoch {} loss {:.4f} acc {:.3f} {:.0f} img/s ETA {}{}\x1b[K",
-          std::string(filled, '='),
-          std::string(kWidth - filled, ' '),
+      // One line that fits the terminal: the figures first, then as much
+      // bar as the width leaves (none below 10 characters).
+      const std::string figures = fmt::format(
+          " {}/{} ep {} loss {:.4f} acc {:.3f} {:.0f} img/s ETA {}{}",
           step,
           total_,
           epoch,
@@ -61,6 +60,19 @@ class Progress {
           images_per_s,
           format_duration(eta),
           test);
+      const int columns = terminal_columns();
+      const int bar = std::min(30, columns - 1 - int(figures.size()) - 2);
+      std::string line;
+      if (bar >= 10) {
+        const int filled = int(bar * step / std::max<int64_t>(total_, 1));
+        line = "[" + std::string(filled, '=') + std::string(bar - filled, ' ') +
+            "]";
+      }
+      line += figures;
+      if (int(line.size()) > columns - 1) {
+        line.resize(std::max(columns - 1, 0));
+      }
+      fmt::print(stderr, "\r{}\x1b[K", line);
       if (test_acc >= 0) {
         fmt::print(stderr, "\n");
       }
@@ -84,6 +96,21 @@ class Progress {
     if (!silent_ && tty_) {
       fmt::print(stderr, "\n");
     }
+  }
+
+  /// The terminal's width (stderr's), else $COLUMNS, else 80.
+  static int terminal_columns() {
+    winsize size{};
+    if (::ioctl(STDERR_FILENO, TIOCGWINSZ, &size) == 0 && size.ws_col > 0) {
+      return size.ws_col;
+    }
+    if (const char* env = std::getenv("COLUMNS")) {
+      const int n = std::atoi(env);
+      if (n > 0) {
+        return n;
+      }
+    }
+    return 80;
   }
 
   static std::string format_duration(double seconds) {

@@ -4,6 +4,7 @@
 
 #include "data.h"
 #include "distributed.h"
+#include "files.h"
 #include "progress.h"
 
 #include <torchrev/torchrev.h>
@@ -15,14 +16,13 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -62,11 +62,19 @@ constexpr int64_t kDefaultSteps = 1200;
 
 struct TrainResult {
   double test_accuracy = 0.0;
+  /// Peak allocated bytes during the training steps (data set, model and
+  /// optimizer included; evaluations excluded).
   size_t peak_memory_bytes = 0;
+  /// Peak allocated bytes during the evaluations (0 when none ran).
+  size_t eval_peak_memory_bytes = 0;
   double param_checksum = 0.0;
-  int64_t steps = 0;
+  int64_t steps = 0; // the step reached (counting the resumed checkpoint's)
+  int64_t steps_run = 0; // steps this run executed
+  int64_t resumed_from = -1; // the checkpoint's step, or -1
   std::vector<double> step_losses; // loss of every step this run executed
-  double seconds = 0.0;
+  double seconds = 0.0; // the whole run, evaluations and checkpoints included
+  double train_seconds = 0.0; // the training steps alone
+  double train_images_per_s = 0.0; // of the training steps, all ranks
 };
 
 /// One number identifying the parameters: a position-weighted sum in float64.
@@ -111,31 +119,27 @@ inline double learning_rate(
 
 namespace detail {
 
-/// fsync a file or directory by path; best effort for directories.
-inline void sync_path(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd >= 0) {
-    ::fsync(fd);
-    ::close(fd);
+/// The first non-empty line of an error message, trimmed (LibTorch appends
+/// backtraces, and some messages start with a newline).
+inline std::string first_line_of(const std::string& message) {
+  size_t begin = 0;
+  while (begin < message.size()) {
+    size_t end = message.find('\n', begin);
+    if (end == std::string::npos) {
+      end = message.size();
+    }
+    const size_t first = message.find_first_not_of(" \t\r", begin);
+    if (first != std::string::npos && first < end) {
+      size_t last = end;
+      while (last > first &&
+             std::isspace(static_cast<unsigned char>(message[last - 1]))) {
+        --last;
+      }
+      return message.substr(first, last - first);
+    }
+    begin = end + 1;
   }
-}
-
-/// Writes `path` atomically: `write(tmp)` then flush, fsync and rename, so an
-/// interrupted write never destroys the previous file.
-template <class WriteFn>
-void write_atomically(const std::string& path, WriteFn write) {
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  try {
-    write(tmp);
-    sync_path(tmp);
-    std::filesystem::rename(tmp, path);
-  } catch (...) {
-    std::error_code ignored;
-    std::filesystem::remove(tmp, ignored);
-    throw;
-  }
-  auto dir = std::filesystem::absolute(path).parent_path();
-  sync_path(dir.string());
+  return "(no message)";
 }
 
 inline std::string csv_header() {
@@ -190,12 +194,27 @@ class Trainer {
     }
     total_steps_ = config_.max_steps;
     if (config_.epochs > 0) {
+      if (config_.epochs >
+          std::numeric_limits<int64_t>::max() / steps_per_epoch_) {
+        throw std::invalid_argument(fmt::format(
+            "--epochs {}: too many ({} steps each would overflow the step "
+            "count)",
+            config_.epochs,
+            steps_per_epoch_));
+      }
       const int64_t by_epochs = config_.epochs * steps_per_epoch_;
       total_steps_ =
           total_steps_ > 0 ? std::min(total_steps_, by_epochs) : by_epochs;
     }
     if (total_steps_ == 0) {
       total_steps_ = kDefaultSteps;
+    }
+    // Writers killed mid-write (SIGKILL, power loss) leave their temporary
+    // files behind; the next run removes them.
+    for (const auto* path : {&config_.checkpoint, &config_.metrics}) {
+      if (!path->empty() && is_main_rank()) {
+        remove_stale_temporaries(*path);
+      }
     }
     if (config_.resume) {
       load_checkpoint();
@@ -226,22 +245,26 @@ class Trainer {
   /// Trains until total_steps (or stop_after), evaluates, returns results.
   TrainResult run() {
     TrainResult result;
-    // Peak memory of the training run (the data set and model included).
-    torchrev::CPUMemoryMeter::instance().reset_peak();
+    result.resumed_from = resumed_from_;
+    const int64_t first_step = step_;
+    // Peak memory of the training steps (the data set and model included);
+    // evaluations are measured apart (see evaluate_measured).
+    reset_peak_memory();
     const auto start = std::chrono::steady_clock::now();
+    double train_seconds = 0.0; // training steps only
     const int64_t log_every = config_.log_every > 0
         ? config_.log_every
         : std::max<int64_t>(1, total_steps_ / 20);
     Progress progress(total_steps_, step_, config_.quiet || !is_main_rank());
     model_->train();
 
-    double window_loss = 0.0;
+    double window_loss = 0.0, window_seconds = 0.0;
     int64_t window_correct = 0, window_seen = 0, window_steps = 0;
-    auto window_start = std::chrono::steady_clock::now();
     const int64_t last = config_.stop_after > 0
         ? std::min(total_steps_, config_.stop_after)
         : total_steps_;
     for (int64_t step = step_; step < last; ++step) {
+      const auto step_start = std::chrono::steady_clock::now();
       const int64_t epoch = step / steps_per_epoch_;
       const double lr = learning_rate(config_, step, total_steps_);
       for (auto& group : optimizer_->param_groups()) {
@@ -267,20 +290,22 @@ class Trainer {
       window_seen += labels.size(0);
       ++window_steps;
       step_ = step + 1;
+      const double seconds = std::chrono::duration<double>(
+                                 std::chrono::steady_clock::now() - step_start)
+                                 .count();
+      window_seconds += seconds;
+      train_seconds += seconds;
 
       const bool log_now = step_ % log_every == 0 || step_ == last;
       const bool eval_now = step_ == total_steps_ ||
           (config_.eval_every > 0 && step_ % config_.eval_every == 0);
       double test_acc = -1.0;
       if (eval_now && is_main_rank()) {
-        test_acc = evaluate();
+        test_acc = evaluate_measured();
       }
-      const double seconds =
-          std::chrono::duration<double>(
-              std::chrono::steady_clock::now() - window_start)
-              .count();
+      // Throughput of the training steps alone (no evaluation, no I/O).
       const double ips = double(window_seen) * config_.distributed.world_size /
-          std::max(seconds, 1e-9);
+          std::max(window_seconds, 1e-9);
       const double mean_loss = window_loss / double(window_steps);
       const double train_acc = double(window_correct) / double(window_seen);
       progress.update(
@@ -294,10 +319,9 @@ class Trainer {
                 test_acc,
                 lr,
                 ips,
-                peak_memory()});
-        window_loss = 0.0;
+                train_peak_memory()});
+        window_loss = window_seconds = 0.0;
         window_correct = window_seen = window_steps = 0;
-        window_start = std::chrono::steady_clock::now();
         if (is_main_rank() && !config_.metrics.empty() && eval_now) {
           write_metrics();
         }
@@ -310,12 +334,13 @@ class Trainer {
       }
     }
     progress.finish();
+    result.peak_memory_bytes = train_peak_memory();
     if (is_main_rank() && !config_.metrics.empty()) {
       write_metrics();
     }
     if (step_ == total_steps_ && is_main_rank()) {
       result.test_accuracy =
-          last_test_accuracy_ >= 0 ? last_test_accuracy_ : evaluate();
+          last_test_accuracy_ >= 0 ? last_test_accuracy_ : evaluate_measured();
     }
     // A run stopped by --stop-after behaves as if killed: no final save.
     if (!config_.checkpoint.empty() && is_main_rank() &&
@@ -323,12 +348,23 @@ class Trainer {
       save_checkpoint();
     }
     result.steps = step_;
-    result.peak_memory_bytes = peak_memory();
+    result.steps_run = step_ - first_step;
+    result.eval_peak_memory_bytes = eval_peak_;
     result.param_checksum = param_checksum(*model_);
+    result.train_seconds = train_seconds;
+    result.train_images_per_s = train_seconds > 0
+        ? double(result.steps_run * config_.batch_size) *
+            config_.distributed.world_size / train_seconds
+        : 0.0;
     result.seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
             .count();
     return result;
+  }
+
+  /// The resumed checkpoint's step, or -1 when this run started afresh.
+  int64_t resumed_from() const {
+    return resumed_from_;
   }
 
   /// Accuracy over the whole test set.
@@ -353,6 +389,21 @@ class Trainer {
   }
 
  private:
+  /// evaluate(), with its memory peak kept apart from training's.
+  double evaluate_measured() {
+    train_peak_ = std::max(train_peak_, peak_memory());
+    reset_peak_memory();
+    const double accuracy = evaluate();
+    eval_peak_ = std::max(eval_peak_, peak_memory());
+    reset_peak_memory();
+    return accuracy;
+  }
+
+  /// The peak of the training steps so far.
+  size_t train_peak_memory() const {
+    return std::max(train_peak_, peak_memory());
+  }
+
   struct Row {
     int64_t step, epoch;
     double loss, train_acc, test_acc, lr, images_per_s;
@@ -386,10 +437,46 @@ class Trainer {
         config_.augment != "off") {
       fail("--augment " + config_.augment + ": expected auto, on or off");
     }
-    if (config_.batch_size <= 0 || config_.epochs < 0 ||
-        config_.max_steps < 0 || config_.eval_every < 0 || config_.lr <= 0.0) {
-      fail(
-          "--batch-size and --lr must be positive; --epochs, --max-steps and --eval-every non-negative");
+    // Each numeric flag, with the value that arrived.
+    auto positive = [&](const char* flag, int64_t value) {
+      if (value <= 0) {
+        fail(fmt::format("{} {}: expected a positive number", flag, value));
+      }
+    };
+    auto non_negative = [&](const char* flag, int64_t value) {
+      if (value < 0) {
+        fail(fmt::format("{} {}: expected 0 or more", flag, value));
+      }
+    };
+    positive("--batch-size", config_.batch_size);
+    non_negative("--epochs", config_.epochs);
+    non_negative("--max-steps", config_.max_steps);
+    non_negative("--eval-every", config_.eval_every);
+    non_negative("--log-every", config_.log_every);
+    non_negative("--checkpoint-every", config_.checkpoint_every);
+    non_negative("--stop-after", config_.stop_after);
+    non_negative("--threads", config_.threads);
+    if (!std::isfinite(config_.lr) || config_.lr <= 0.0) {
+      fail(fmt::format(
+          "--lr {}: expected a finite positive number", config_.lr));
+    }
+    if (!std::isfinite(config_.momentum) || config_.momentum < 0.0) {
+      fail(fmt::format(
+          "--momentum {}: expected a finite number >= 0", config_.momentum));
+    }
+    if (!std::isfinite(config_.weight_decay) || config_.weight_decay < 0.0) {
+      fail(fmt::format(
+          "--weight-decay {}: expected a finite number >= 0",
+          config_.weight_decay));
+    }
+    const auto& dist = config_.distributed;
+    if (dist.world_size < 1) {
+      fail(fmt::format(
+          "--world-size {}: expected 1 or more processes", dist.world_size));
+    }
+    if (dist.rank < 0 || dist.rank >= dist.world_size) {
+      fail(fmt::format(
+          "--rank {}: expected a rank in [0, {})", dist.rank, dist.world_size));
     }
     if ((config_.dataset == "cifar10" || config_.dataset == "cifar100") &&
         config_.data_dir.empty()) {
@@ -403,6 +490,9 @@ class Trainer {
           {"--checkpoint", config_.checkpoint}}) {
       if (path.empty()) {
         continue;
+      }
+      if (std::filesystem::is_directory(path)) {
+        fail(flag + " " + path + ": is a directory; expected a file name");
       }
       auto dir = std::filesystem::absolute(path).parent_path();
       if (!std::filesystem::is_directory(dir) ||
@@ -452,6 +542,18 @@ class Trainer {
                               : torch::MemoryFormat::Contiguous);
   }
 
+  void reset_peak_memory() const {
+#ifdef TORCHREV_CUDA
+    if (device_.is_cuda()) {
+      c10::cuda::CUDACachingAllocator::resetPeakStats(
+          device_.index() < 0 ? 0 : device_.index());
+      return;
+    }
+#endif
+    torchrev::CPUMemoryMeter::instance().reset_peak();
+  }
+
+  /// The allocator's peak since the last reset_peak_memory().
   size_t peak_memory() const {
 #ifdef TORCHREV_CUDA
     // The caching allocator's peak, as memory_bench reports on CUDA.
@@ -465,112 +567,222 @@ class Trainer {
   }
 
   void write_metrics() const {
-    detail::write_atomically(config_.metrics, [&](const std::string& tmp) {
-      std::ofstream out(tmp);
-      out << detail::csv_header() << "\n";
-      for (const auto& r : rows_) {
-        out << fmt::format(
-            "{},{},{:.9g},{:.6f},{},{:.6g},{:.1f},{}\n",
-            r.step,
-            r.epoch,
-            r.loss,
-            r.train_acc,
-            r.test_acc >= 0 ? fmt::format("{:.6f}", r.test_acc) : "",
-            r.lr,
-            r.images_per_s,
-            r.peak_memory);
-      }
-      out.flush();
-      if (!out) {
-        throw std::runtime_error(
-            "cannot write metrics file " + config_.metrics);
-      }
-    });
+    std::string csv = detail::csv_header() + "\n";
+    for (const auto& r : rows_) {
+      csv += fmt::format(
+          "{},{},{:.9g},{:.6f},{},{:.6g},{:.1f},{}\n",
+          r.step,
+          r.epoch,
+          r.loss,
+          r.train_acc,
+          r.test_acc >= 0 ? fmt::format("{:.6f}", r.test_acc) : "",
+          r.lr,
+          r.images_per_s,
+          r.peak_memory);
+    }
+    write_file_atomically(config_.metrics, csv);
   }
 
-  void save_checkpoint() const {
-    detail::write_atomically(config_.checkpoint, [&](const std::string& tmp) {
-      torch::serialize::OutputArchive archive;
-      torch::serialize::OutputArchive model_archive, optimizer_archive;
-      model_->save(model_archive);
-      optimizer_->save(optimizer_archive);
-      archive.write("model", model_archive);
-      archive.write("optimizer", optimizer_archive);
-      archive.write("model_name", c10::IValue(config_.model));
-      archive.write("dataset", c10::IValue(dataset_.name));
-      archive.write("step", c10::IValue(step_));
-      archive.write("total_steps", c10::IValue(total_steps_));
-      at::Generator generator = at::detail::getDefaultCPUGenerator();
-      archive.write("rng", generator.get_state());
-      std::ostringstream rows;
-      for (const auto& r : rows_) {
-        rows << r.step << ' ' << r.epoch << ' '
-             << fmt::format("{:.17g}", r.loss) << ' '
-             << fmt::format("{:.17g}", r.train_acc) << ' '
-             << fmt::format("{:.17g}", r.test_acc) << ' '
-             << fmt::format("{:.17g}", r.lr) << ' '
-             << fmt::format("{:.17g}", r.images_per_s) << ' ' << r.peak_memory
-             << '\n';
-      }
-      archive.write("metrics", c10::IValue(rows.str()));
-      archive.save_to(tmp);
+  /// The settings a resumed run must share with its checkpoint to continue
+  /// the same run, as (flag, value) pairs; --epochs, --max-steps and
+  /// --batch-size are also covered by the step count.
+  std::vector<std::pair<std::string, std::string>> run_settings() const {
+    return {
+        {"--batch-size", std::to_string(config_.batch_size)},
+        {"--seed", std::to_string(config_.seed)},
+        {"--lr", fmt::format("{:.17g}", config_.lr)},
+        {"--schedule", config_.schedule},
+        {"--momentum", fmt::format("{:.17g}", config_.momentum)},
+        {"--weight-decay", fmt::format("{:.17g}", config_.weight_decay)},
+        {"--augment", augment_ ? "on" : "off"},
+        {"--world-size", std::to_string(config_.distributed.world_size)},
+    };
+  }
+
+  static std::string encode_settings(
+      const std::vector<std::pair<std::string, std::string>>& settings) {
+    std::string out;
+    for (const auto& [flag, value] : settings) {
+      out += flag + " " + value + "\n";
+    }
+    return out;
+  }
+
+  /// The whole checkpoint, serialized in memory and sealed (files.h), so
+  /// that writing it is one checked write and reading it starts with an
+  /// integrity check.
+  std::string checkpoint_bytes() const {
+    torch::serialize::OutputArchive archive;
+    torch::serialize::OutputArchive model_archive, optimizer_archive;
+    model_->save(model_archive);
+    optimizer_->save(optimizer_archive);
+    archive.write("model", model_archive);
+    archive.write("optimizer", optimizer_archive);
+    archive.write("model_name", c10::IValue(config_.model));
+    archive.write("dataset", c10::IValue(dataset_.name));
+    archive.write("step", c10::IValue(step_));
+    archive.write("total_steps", c10::IValue(total_steps_));
+    archive.write("settings", c10::IValue(encode_settings(run_settings())));
+    at::Generator generator = at::detail::getDefaultCPUGenerator();
+    archive.write("rng", generator.get_state());
+    std::string rows;
+    for (const auto& r : rows_) {
+      rows += fmt::format(
+          "{} {} {:.17g} {:.17g} {:.17g} {:.17g} {:.17g} {}\n",
+          r.step,
+          r.epoch,
+          r.loss,
+          r.train_acc,
+          r.test_acc,
+          r.lr,
+          r.images_per_s,
+          r.peak_memory);
+    }
+    archive.write("metrics", c10::IValue(rows));
+    std::string payload;
+    archive.save_to([&payload](const void* data, size_t size) -> size_t {
+      payload.append(static_cast<const char*>(data), size);
+      return size;
     });
+    return seal(payload);
+  }
+
+  void save_checkpoint() {
+    // The serialized copy is I/O, not training: kept out of the peak.
+    train_peak_ = std::max(train_peak_, peak_memory());
+    write_file_atomically(config_.checkpoint, checkpoint_bytes());
+    reset_peak_memory();
   }
 
   void load_checkpoint() {
     const std::string& path = config_.checkpoint;
+    auto fail = [&](const std::string& what) {
+      throw std::runtime_error("checkpoint " + path + ": " + what);
+    };
+    // Nothing parses the file before its integrity is established.
+    const std::string sealed = read_file_bytes(path);
+    std::string_view payload;
+    try {
+      payload = unseal(sealed, path);
+    } catch (const FileError& e) {
+      throw std::runtime_error(
+          std::string("cannot read checkpoint ") + e.what() +
+          "; nothing was loaded");
+    }
     torch::serialize::InputArchive archive;
     try {
-      archive.load_from(path);
-    } catch (const c10::Error& e) {
-      throw std::runtime_error(
-          "cannot read checkpoint " + path +
-          ": not a cifar_train checkpoint or corrupt");
+      archive.load_from(payload.data(), payload.size());
+    } catch (const c10::Error&) {
+      fail(
+          "cannot read: not a cifar_train checkpoint (no LibTorch archive "
+          "inside)");
     }
-    c10::IValue model_name, dataset_name, step, total, metrics;
-    if (!archive.try_read("model_name", model_name) ||
-        !archive.try_read("step", step) ||
-        !archive.try_read("dataset", dataset_name) ||
-        !archive.try_read("total_steps", total) ||
-        !archive.try_read("metrics", metrics)) {
-      throw std::runtime_error(
-          "cannot read checkpoint " + path +
-          ": missing fields (not a cifar_train checkpoint)");
-    }
+    // Every field, checked for presence and type before it is used.
+    auto field = [&](const char* name,
+                     bool (c10::IValue::*is)() const,
+                     const char* kind) {
+      c10::IValue value;
+      if (!archive.try_read(name, value) || !(value.*is)()) {
+        fail(fmt::format(
+            "field '{}' is missing or not {} (not a cifar_train checkpoint "
+            "of this version)",
+            name,
+            kind));
+      }
+      return value;
+    };
+    const auto model_name =
+        field("model_name", &c10::IValue::isString, "a string");
+    const auto dataset_name =
+        field("dataset", &c10::IValue::isString, "a string");
+    const int64_t step =
+        field("step", &c10::IValue::isInt, "an integer").toInt();
+    const int64_t total =
+        field("total_steps", &c10::IValue::isInt, "an integer").toInt();
+    const auto settings = field("settings", &c10::IValue::isString, "a string");
+    const auto metrics = field("metrics", &c10::IValue::isString, "a string");
     if (model_name.toStringRef() != config_.model) {
-      throw std::runtime_error(
-          "checkpoint " + path + " holds model " + model_name.toStringRef() +
-          ", but --model is " + config_.model);
+      fail(
+          "holds model " + model_name.toStringRef() + ", but --model is " +
+          config_.model);
     }
     if (dataset_name.toStringRef() != dataset_.name) {
-      throw std::runtime_error(
-          "checkpoint " + path + " was trained on " +
-          dataset_name.toStringRef() + ", but this run uses " + dataset_.name);
+      fail(
+          "was trained on " + dataset_name.toStringRef() +
+          ", but this run uses " + dataset_.name);
     }
-    if (total.toInt() != total_steps_) {
-      throw std::runtime_error(fmt::format(
-          "checkpoint {} belongs to a run of {} steps, but this run has {}; "
-          "resume with the same --epochs/--max-steps/--batch-size",
-          path,
-          total.toInt(),
+    if (total != total_steps_) {
+      fail(fmt::format(
+          "belongs to a run of {} steps, but this run has {}; resume with the "
+          "same --epochs/--max-steps/--batch-size",
+          total,
           total_steps_));
     }
-    torch::serialize::InputArchive model_archive, optimizer_archive;
-    archive.read("model", model_archive);
-    archive.read("optimizer", optimizer_archive);
-    model_->load(model_archive);
-    optimizer_->load(optimizer_archive);
-    torch::Tensor rng;
-    archive.read("rng", rng);
-    at::Generator generator = at::detail::getDefaultCPUGenerator();
-    generator.set_state(rng);
-    step_ = step.toInt();
-    std::istringstream rows(metrics.toStringRef());
-    Row r{};
-    while (rows >> r.step >> r.epoch >> r.loss >> r.train_acc >> r.test_acc >>
-           r.lr >> r.images_per_s >> r.peak_memory) {
-      rows_.push_back(r);
+    if (step < 0 || step > total) {
+      fail(fmt::format("step {} is outside [0, {}]", step, total));
     }
+    std::istringstream saved(settings.toStringRef());
+    std::string flag, value;
+    const auto current = run_settings();
+    size_t matched = 0;
+    while (saved >> flag >> value) {
+      for (const auto& [f, v] : current) {
+        if (f != flag) {
+          continue;
+        }
+        if (v != value) {
+          fail(fmt::format(
+              "was written with {} {}, but this run has {} {}; resume with "
+              "the run's settings",
+              flag,
+              value,
+              flag,
+              v));
+        }
+        ++matched;
+      }
+    }
+    if (matched != current.size()) {
+      fail("records incomplete settings (not a checkpoint of this version)");
+    }
+    torch::serialize::InputArchive model_archive, optimizer_archive;
+    torch::Tensor rng;
+    try {
+      archive.read("model", model_archive);
+      archive.read("optimizer", optimizer_archive);
+      archive.read("rng", rng);
+    } catch (const c10::Error&) {
+      fail("the model, optimizer or random state is missing");
+    }
+    // A failure here ends the Trainer's construction: a half-restored model
+    // is never trained.
+    try {
+      model_->load(model_archive);
+      optimizer_->load(optimizer_archive);
+      at::Generator generator = at::detail::getDefaultCPUGenerator();
+      generator.set_state(rng);
+    } catch (const c10::Error& e) {
+      fail(
+          "does not fit this model: " +
+          detail::first_line_of(e.what_without_backtrace()));
+    }
+    std::vector<Row> rows;
+    std::istringstream lines(metrics.toStringRef());
+    Row r{};
+    while (lines >> r.step >> r.epoch >> r.loss >> r.train_acc >> r.test_acc >>
+           r.lr >> r.images_per_s >> r.peak_memory) {
+      if (r.step < 1 || r.step > step) {
+        fail(fmt::format(
+            "metrics row for step {} outside [1, {}]", r.step, step));
+      }
+      rows.push_back(r);
+    }
+    if (!lines.eof()) {
+      fail("unreadable metrics rows");
+    }
+    step_ = step;
+    resumed_from_ = step;
+    rows_ = std::move(rows);
   }
 
   TrainConfig config_;
@@ -587,6 +799,9 @@ class Trainer {
   int64_t order_epoch_ = -1;
   std::vector<Row> rows_;
   double last_test_accuracy_ = -1.0;
+  int64_t resumed_from_ = -1; // the checkpoint's step, when resumed
+  size_t train_peak_ = 0; // of the training steps, before the last reset
+  size_t eval_peak_ = 0; // of the evaluations
 };
 
 } // namespace cifar
