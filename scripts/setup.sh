@@ -89,5 +89,9 @@ fi
 
 jobs=$(nproc 2>/dev/null || echo 2)
 # Shows only torchrev's own summary line (which LibTorch, which C++).
+# The parts are asked for explicitly, so that a missing dependency is an
+# error here rather than a skipped part.
 cmake -S "$TORCHREV_ROOT" -B "$TORCHREV_BUILD" -DCMAKE_BUILD_TYPE=Release \
+  -DTORCHREV_BUILD_TESTS=ON -DTORCHREV_BUILD_EXAMPLES=ON \
+  -DTORCHREV_BUILD_BENCHMARKS=ON \
   "${cmake_args[@]}" | { grep '^-- torchrev:' || true; }

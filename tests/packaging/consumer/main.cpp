@@ -1,4 +1,5 @@
-// A tiny project that uses an installed torchrev through find_package.
+// A tiny project that uses torchrev: installed (find_package), from a build
+// tree, through add_subdirectory or through FetchContent.
 #include <torchrev/torchrev.h>
 
 #include <iostream>
