@@ -9,10 +9,12 @@ set output "depth_sweep.png"
 set title "Peak activation memory of a training step vs depth (RevNet-110 widths, batch 32, CPU)"
 set xlabel "units per stage"
 set ylabel "peak activation memory (MiB)"
-set logscale x 2
+# A linear axis: the stored peak grows linearly with depth, and a log axis
+# would make that look exponential.
+set xrange [0:*]
 plot "depth_sweep.tsv" using 1:2 with linespoints lw 2 title columnheader(2), \
      "" using 1:3 with linespoints lw 2 title columnheader(3)
-unset logscale x
+set xrange [*:*]
 
 set output "zoo_memory_time.png"
 set title "Model zoo, batch 32, CPU: peak activation memory and step time"
@@ -25,6 +27,7 @@ set y2label "step time (s)"
 set ytics nomirror
 set y2tics
 set xlabel ""
-set key top left
+# Outside the plot area, so that the legend never covers a bar.
+set key outside top center horizontal
 plot "zoo.tsv" using 2:xtic(1) title "peak activation MiB" axes x1y1, \
      "" using 3 title "step seconds" axes x1y2

@@ -20,7 +20,7 @@ TORCHREV_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TORCHREV_LIBTORCH=${TORCHREV_LIBTORCH:-system}
 
 packages=(cmake g++ make ccache libgtest-dev libfmt-dev libcli11-dev
-  zlib1g-dev nlohmann-json3-dev dataset-fashion-mnist
+  zlib1g-dev nlohmann-json3-dev dataset-fashion-mnist doxygen
   # c10d's Gloo header includes Gloo's headers, which LibTorch does not ship.
   libgloo-dev)
 if [[ $TORCHREV_LIBTORCH == system ]]; then

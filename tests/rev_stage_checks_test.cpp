@@ -194,13 +194,67 @@ TEST(RevStageChecks, FReturningAnotherDtypeIsAnErrorNamingTheBlock) {
 
 TEST(RevStageChecks, AnInPlaceFNeverWritesToTheCallersTensorAndFailsClearly) {
   // A batch of one: both halves are already dense, and were once views.
+  // The forward runs without grad, where nothing else would notice that
+  // F's in-place op changed x2, the term G's output is added to.
   torchrev::RevSequential stage(InPlaceBlock{});
   auto x = torch::randn({1, 4}).requires_grad_(true);
   auto before = x.detach().clone();
-  auto loss = stage(x).sum();
-  EXPECT_TRUE(x.detach().equal(before));
   EXPECT_ERROR_CONTAINS(
-      loss.backward(), "in F of torchrev::RevSequential block 0", "in place");
+      stage(x),
+      "torchrev::RevSequential block 0",
+      "F modified its input in place",
+      "inplace(true)");
+  EXPECT_TRUE(x.detach().equal(before));
+  // The same on a block called on its own, with plain autograd (there the
+  // halves are not leaves, so autograd itself would accept it).
+  InPlaceBlock block;
+  EXPECT_ERROR_CONTAINS(
+      block(torch::randn({3, 4}, torch::requires_grad())),
+      "F modified its input in place");
+  // An out-of-place F on the same shapes runs (the control).
+  torchrev::RevSequential plain(SeqBlock(
+      torch::nn::Sequential(torch::nn::ReLU()),
+      torch::nn::Sequential(torch::nn::Linear(2, 2))));
+  plain(x).sum().backward();
+  EXPECT_TRUE(x.grad().defined());
+}
+
+TEST(ActivationAudit, NamesTheBlocksThatStoreActivations) {
+  auto make_block = [] {
+    return SeqBlock(
+        torch::nn::Sequential(torch::nn::Linear(2, 2)),
+        torch::nn::Sequential(torch::nn::Linear(2, 2)));
+  };
+  torch::nn::Sequential model(
+      torchrev::RevSequential(make_block(), make_block()),
+      make_block(), // outside a RevSequential: plain autograd
+      torch::nn::Linear(4, 4));
+  auto x = torch::randn({3, 4}, torch::requires_grad());
+  {
+    torchrev::ActivationAudit audit;
+    model->forward(x).sum().backward();
+    model->forward(x);
+    ASSERT_EQ(audit.entries().size(), 2u);
+    EXPECT_FALSE(audit.entries()[0].stores_activations);
+    EXPECT_EQ(audit.entries()[0].kind, "torchrev::RevSequential, 2 blocks");
+    EXPECT_EQ(audit.entries()[0].calls, 2);
+    ASSERT_EQ(audit.storing().size(), 1u);
+    EXPECT_EQ(audit.storing()[0].module, model[1].get());
+    const auto report = audit.report(*model);
+    EXPECT_NE(report.find("1 of 2 recorded parts store"), std::string::npos)
+        << report;
+    EXPECT_NE(report.find("  1 (torchrev::RevBlock"), std::string::npos)
+        << report;
+    EXPECT_NE(report.find("STORES ACTIVATIONS"), std::string::npos) << report;
+  }
+  {
+    // Without grad nothing is stored, and no audit means nothing recorded.
+    torchrev::ActivationAudit audit;
+    torch::NoGradGuard no_grad;
+    model->forward(x);
+    EXPECT_TRUE(audit.storing().empty());
+    EXPECT_EQ(audit.entries().size(), 2u);
+  }
 }
 
 TEST(RevStageChecks, SplitDimOutOfRangeNamesTheBlock) {

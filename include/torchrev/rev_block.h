@@ -1,5 +1,6 @@
 #pragma once
 
+#include <torchrev/activation_audit.h>
 #include <torchrev/detail/concurrent_use.h>
 #include <torchrev/recompute.h>
 
@@ -95,8 +96,8 @@ struct RevBlockOptions {
 /// 2.2 `Cloneable` inherits it non-virtually, so the block would have two.
 class RevBlockBase : public torch::nn::Module {
  public:
-  explicit RevBlockBase(RevBlockOptions options = {})
-      : options(std::move(options)) {}
+  explicit RevBlockBase(RevBlockOptions options_ = {})
+      : options(std::move(options_)) {}
 
   /// F: the residual function applied to x2; must preserve its input's shape.
   virtual torch::Tensor forward_f(const torch::Tensor& x2) = 0;
@@ -108,6 +109,9 @@ class RevBlockBase : public torch::nn::Module {
   /// `torchrev::RevSequential` to train without storing activations.
   torch::Tensor forward(const torch::Tensor& x) {
     const auto where = describe();
+    if (auto* audit = detail::current_audit()) {
+      audit->record(this, where, records_graph(x));
+    }
     detail::BlockUse use(this, detail::BlockUse::Kind::kForward, where);
     return forward_checked(x, where);
   }
@@ -247,6 +251,24 @@ class RevBlockBase : public torch::nn::Module {
     return merge(x1, x2);
   }
 
+  /// Whether running on `x` now builds an autograd graph that keeps this
+  /// block's activations (grad mode on, something requires grad, and not a
+  /// torchrev recompute).
+  bool records_graph(const torch::Tensor& x) const {
+    if (!torch::GradMode::is_enabled() || is_recomputing()) {
+      return false;
+    }
+    if (x.requires_grad()) {
+      return true;
+    }
+    for (const auto& p : parameters()) {
+      if (p.requires_grad()) {
+        return true;
+      }
+    }
+    return false;
+  }
+
   /// "torchrev::RevBlock (<type>)": how errors name a block on its own.
   std::string describe() const {
     return "torchrev::RevBlock (" + name() + ")";
@@ -262,12 +284,27 @@ class RevBlockBase : public torch::nn::Module {
       const char* which,
       const std::string& where) {
     torch::Tensor out;
+    const auto version = in._version();
     try {
       out = fn(in);
     } catch (c10::Error& e) {
       add_block_context(e, in, which, where);
       throw;
     }
+    // An in-place op on the input (a ReLU(inplace=true) as the first layer)
+    // would change the half the block adds F's or G's output to, silently
+    // in a grad-less forward. Every in-place op bumps the version counter.
+    TORCH_CHECK(
+        in._version() == version,
+        where,
+        ": ",
+        which,
+        " modified its input in place (for example a ReLU with "
+        "inplace(true) as its first layer); ",
+        which,
+        "'s input is also the block's other output term, so ",
+        which,
+        " must leave it unchanged: make that first operation out of place");
     check_residual(out, in, which, where);
     return out;
   }

@@ -131,6 +131,14 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
         "torchrev::RevSequential: expected a defined input tensor, but got an "
         "undefined one");
 
+    if (auto* audit = detail::current_audit()) {
+      audit->record(
+          this,
+          "torchrev::RevSequential, " + std::to_string(blocks_.size()) +
+              " blocks",
+          /*stores_activations=*/false);
+    }
+
     // Another thread must not recompute these blocks meanwhile (see
     // detail/concurrent_use.h).
     std::deque<detail::BlockUse> uses;

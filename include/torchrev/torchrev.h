@@ -1,9 +1,13 @@
 #pragma once
 
-/// Umbrella header: everything a user of torchrev needs.
+/// Umbrella header: everything a user of torchrev needs, with LibTorch's own
+/// umbrella (optimizers, serialization, data), so that the README's snippets
+/// compile with this one include.
 
+#include <torchrev/activation_audit.h>
 #include <torchrev/autograd/rev_block_function.h>
 #include <torchrev/checkpoint.h>
+#include <torchrev/clone_state.h>
 #include <torchrev/memory/cpu_memory_meter.h>
 #include <torchrev/models/blocks.h>
 #include <torchrev/models/nets.h>
@@ -12,3 +16,5 @@
 #include <torchrev/rev_block.h>
 #include <torchrev/rev_sequential.h>
 #include <torchrev/version.h>
+
+#include <torch/torch.h>

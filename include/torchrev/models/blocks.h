@@ -107,9 +107,10 @@ class ResidualBlockImpl : public torch::nn::Cloneable<ResidualBlockImpl> {
   }
 
   void pretty_print(std::ostream& stream) const override {
-    stream << "torchrev::models::ResidualBlock(" << in_ << ", " << out_
+    // Square brackets: LibTorch prints the children in parentheses after.
+    stream << "torchrev::models::ResidualBlock[" << in_ << " -> " << out_
            << ", stride=" << stride_ << (bottleneck_ ? ", bottleneck" : "")
-           << ")";
+           << "]";
   }
 
   torch::nn::Sequential body{nullptr}, skip{nullptr};
@@ -165,9 +166,10 @@ class RevTransitionBlockImpl
   }
 
   void pretty_print(std::ostream& stream) const override {
-    stream << "torchrev::models::RevTransitionBlock(" << in_ << ", " << out_
+    // Square brackets: LibTorch prints the children in parentheses after.
+    stream << "torchrev::models::RevTransitionBlock[" << in_ << " -> " << out_
            << ", stride=" << stride_ << (bottleneck_ ? ", bottleneck" : "")
-           << ")";
+           << "]";
   }
 
   torch::nn::Sequential f{nullptr}, g{nullptr}, skip1{nullptr}, skip2{nullptr};

@@ -11,6 +11,7 @@
 // channel count (expansion 4), as in ResNet-164.
 
 #include <torchrev/checkpoint.h>
+#include <torchrev/clone_state.h>
 #include <torchrev/models/blocks.h>
 #include <torchrev/rev_sequential.h>
 
@@ -52,29 +53,9 @@ class CloneableClassifier : public ImageClassifier {
   std::shared_ptr<torch::nn::Module> clone(
       const torch::optional<torch::Device>& device =
           torch::nullopt) const override {
-    torch::NoGradGuard no_grad;
     const auto& self = static_cast<const Derived&>(*this);
-    auto copy = std::make_shared<Derived>(self.options);
-    copy->train(self.is_training());
-    // set_data keeps each copy's dtype and device those of the original.
-    const auto copied = [&device](const torch::Tensor& t) {
-      return device.has_value() ? t.to(
-                                      *device,
-                                      /*non_blocking=*/false,
-                                      /*copy=*/true)
-                                : t.clone();
-    };
-    auto copy_params = copy->named_parameters();
-    for (const auto& item : self.named_parameters()) {
-      auto& target = copy_params[item.key()];
-      target.set_data(copied(item.value()));
-      target.set_requires_grad(item.value().requires_grad());
-    }
-    auto copy_buffers = copy->named_buffers();
-    for (const auto& item : self.named_buffers()) {
-      copy_buffers[item.key()].set_data(copied(item.value()));
-    }
-    return copy;
+    return clone_state_into(
+        self, std::make_shared<Derived>(self.options), device);
   }
 };
 
