@@ -268,3 +268,37 @@ TEST(CifarTrainCli, KilledWritersLoseNothingAndResumeExactly) {
   EXPECT_EQ(value_of(finished.output, "param_checksum"), expected);
   EXPECT_TRUE(temporaries(scratch.dir).empty());
 }
+
+TEST(CifarTrainCli, SigtermStopsAtAStepBoundaryAndTheCheckpointResumesExactly) {
+  if (cifar_train_path().empty()) {
+    GTEST_SKIP() << "examples are not built";
+  }
+  Scratch scratch;
+  write_cifar10_dir(scratch.dir / "tiny", 8, 4);
+  const auto reference_dir = scratch.dir / "reference";
+  fs::create_directories(reference_dir);
+  fs::create_directory_symlink(scratch.dir / "tiny", reference_dir / "tiny");
+  constexpr int kSteps = 100; // about 2.5 s here
+  auto reference = run(tiny_training(reference_dir, "--quiet", kSteps));
+  ASSERT_EQ(reference.exit_code, 0) << reference.output;
+
+  // No --checkpoint-every: the only checkpoint is the one the signal writes.
+  auto stopped =
+      run("timeout --preserve-status -s TERM 1.0 " +
+          tiny_training(scratch.dir, "--quiet", kSteps));
+  ASSERT_EQ(stopped.exit_code, 128 + SIGTERM) << stopped.output;
+  EXPECT_NE(
+      stopped.output.find("cifar_train: error: stopped by SIGTERM after step"),
+      std::string::npos)
+      << stopped.output;
+  EXPECT_NE(
+      stopped.output.find("holds it (continue with --resume)"),
+      std::string::npos)
+      << stopped.output;
+  ASSERT_TRUE(fs::exists(scratch.dir / "ck.pt"));
+  auto resumed = run(tiny_training(scratch.dir, "--quiet --resume", kSteps));
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+  EXPECT_EQ(
+      value_of(resumed.output, "param_checksum"),
+      value_of(reference.output, "param_checksum"));
+}

@@ -182,6 +182,8 @@ struct DataParallelState {
   std::chrono::milliseconds timeout{60000};
   torch::Device comm_device = torch::kCPU;
   c10::intrusive_ptr<c10d::Store> store;
+  /// How many gather_strings calls this rank has made (keys are per call).
+  int64_t gathers = 0;
   c10::intrusive_ptr<CommBackend> backend;
 
   std::vector<torch::Tensor> params; // requires-grad parameters (aliases)
@@ -595,6 +597,39 @@ class DataParallel {
         tensor.data_ptr<double>() + tensor.numel(),
         values.begin());
     return values;
+  }
+
+  /// Every rank's `mine`, indexed by rank, exchanged through the rendezvous
+  /// store (so it works before any collective). Collective: all ranks must
+  /// call it, in the same order relative to other `gather_strings` calls.
+  std::vector<std::string> gather_strings(const std::string& mine) {
+    auto& s = *state_;
+    if (s.world_size == 1) {
+      return {mine};
+    }
+    s.check_usable();
+    const std::string prefix =
+        "cifar_dp/gather/" + std::to_string(s.gathers++) + "/";
+    s.store->set(
+        prefix + std::to_string(s.rank),
+        std::vector<uint8_t>(mine.begin(), mine.end()));
+    std::vector<std::string> all(static_cast<size_t>(s.world_size));
+    for (int r = 0; r < s.world_size; ++r) {
+      if (r == s.rank) {
+        all[r] = mine;
+        continue;
+      }
+      std::vector<uint8_t> bytes;
+      try {
+        bytes = s.store->get(prefix + std::to_string(r));
+      } catch (const std::exception&) {
+        throw std::runtime_error(
+            s.where() + "timed out after " + detail::format_seconds(s.timeout) +
+            " s waiting for rank " + std::to_string(r) + "'s settings");
+      }
+      all[r].assign(bytes.begin(), bytes.end());
+    }
+    return all;
   }
 
   /// Blocks until every rank has called barrier() (or throws after the

@@ -40,6 +40,19 @@ int main(int argc, char** argv) {
   // Past a file-size limit (ulimit -f), fail the write with EFBIG and a
   // clear error instead of dying from the signal.
   std::signal(SIGXFSZ, SIG_IGN);
+  // SIGINT/SIGTERM: finish the current step, write a checkpoint if one was
+  // asked for, and exit with a message (a second signal kills as usual).
+  for (int sig : {SIGINT, SIGTERM}) {
+    struct sigaction action {};
+    action.sa_handler = [](int received) {
+      cifar::Trainer::stop_signal().store(received);
+      struct sigaction fallback {};
+      fallback.sa_handler = SIG_DFL;
+      ::sigaction(received, &fallback, nullptr);
+    };
+    sigemptyset(&action.sa_mask);
+    ::sigaction(sig, &action, nullptr);
+  }
 #ifdef __GLIBC__
   // Activations of a few MB are allocated and freed at every step; served by
   // mmap/munmap they cost page faults (measured: ~15% of the step time).
@@ -223,6 +236,23 @@ int main(int argc, char** argv) {
           result.steps,
           result.seconds,
           result.train_images_per_s);
+    }
+    if (result.stopped_by_signal != 0) {
+      const int sig = result.stopped_by_signal;
+      fmt::print(
+          stderr,
+          "cifar_train: error: stopped by {} after step {} of {}{}\n",
+          sig > 0 ? (sig == SIGINT        ? "SIGINT"
+                         : sig == SIGTERM ? "SIGTERM"
+                                          : "a signal")
+                  : "another rank's signal",
+          result.steps,
+          trainer.total_steps(),
+          config.checkpoint.empty()
+              ? "; no --checkpoint was given, so the progress is lost"
+              : "; checkpoint " + config.checkpoint +
+                  " holds it (continue with --resume)");
+      return sig > 0 ? 128 + sig : 1;
     }
     if (trainer.is_main_rank() && result.steps == trainer.total_steps()) {
       fmt::print("test_accuracy={:.4f}\n", result.test_accuracy);

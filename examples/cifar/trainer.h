@@ -18,6 +18,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -75,6 +76,9 @@ struct TrainResult {
   double seconds = 0.0; // the whole run, evaluations and checkpoints included
   double train_seconds = 0.0; // the training steps alone
   double train_images_per_s = 0.0; // of the training steps, all ranks
+  /// The signal (SIGINT, SIGTERM) that stopped the run at a step boundary,
+  /// -1 when another rank's did, 0 when none did.
+  int stopped_by_signal = 0;
 };
 
 /// One number identifying the parameters: a position-weighted sum in float64.
@@ -223,6 +227,7 @@ class Trainer {
       // After loading: every rank starts from rank 0's parameters.
       parallel_ =
           std::make_unique<DataParallel>(config_.distributed, *model_, device_);
+      check_same_settings_on_all_ranks();
     }
   }
 
@@ -264,6 +269,10 @@ class Trainer {
         ? std::min(total_steps_, config_.stop_after)
         : total_steps_;
     for (int64_t step = step_; step < last; ++step) {
+      if (stop_requested()) {
+        result.stopped_by_signal = stop_signal().load();
+        break;
+      }
       const auto step_start = std::chrono::steady_clock::now();
       const int64_t epoch = step / steps_per_epoch_;
       const double lr = learning_rate(config_, step, total_steps_);
@@ -300,8 +309,8 @@ class Trainer {
       const bool eval_now = step_ == total_steps_ ||
           (config_.eval_every > 0 && step_ % config_.eval_every == 0);
       double test_acc = -1.0;
-      if (eval_now && is_main_rank()) {
-        test_acc = evaluate_measured();
+      if (eval_now) {
+        test_acc = evaluate_measured(); // collective: every rank
       }
       // Throughput of the training steps alone (no evaluation, no I/O).
       const double ips = double(window_seen) * config_.distributed.world_size /
@@ -338,13 +347,15 @@ class Trainer {
     if (is_main_rank() && !config_.metrics.empty()) {
       write_metrics();
     }
-    if (step_ == total_steps_ && is_main_rank()) {
+    if (step_ == total_steps_) { // evaluate() is collective
       result.test_accuracy =
           last_test_accuracy_ >= 0 ? last_test_accuracy_ : evaluate_measured();
     }
-    // A run stopped by --stop-after behaves as if killed: no final save.
+    // A run stopped by --stop-after behaves as if killed: no final save. One
+    // stopped by a signal saves the last completed step, when checkpoints
+    // were asked for.
     if (!config_.checkpoint.empty() && is_main_rank() &&
-        step_ == total_steps_) {
+        (step_ == total_steps_ || result.stopped_by_signal != 0)) {
       save_checkpoint();
     }
     result.steps = step_;
@@ -362,20 +373,68 @@ class Trainer {
     return result;
   }
 
+  /// Refuses to train when another rank was started with other settings
+  /// (a rank with another --lr or --seed would silently train something
+  /// else): every rank compares all ranks' settings and names the flag.
+  void check_same_settings_on_all_ranks() {
+    auto mine = run_settings();
+    mine.emplace_back("--model", config_.model);
+    mine.emplace_back("--dataset", dataset_.name);
+    mine.emplace_back("--steps", std::to_string(total_steps_));
+    const auto all = parallel_->gather_strings(encode_settings(mine));
+    for (size_t r = 0; r < all.size(); ++r) {
+      std::istringstream theirs(all[r]);
+      std::string flag, value;
+      while (theirs >> flag >> value) {
+        for (const auto& [f, v] : mine) {
+          if (f == flag && v != value) {
+            throw std::runtime_error(fmt::format(
+                "rank {}: rank {} was started with {} {}, but this rank has "
+                "{} {}; start every rank with the same settings",
+                config_.distributed.rank,
+                r,
+                flag,
+                value,
+                flag,
+                v));
+          }
+        }
+      }
+    }
+  }
+
+  /// Set by a SIGINT/SIGTERM handler (see main.cpp): the signal number, or
+  /// 0. `run()` stops at the next step boundary; with several ranks, all
+  /// stop at the same one.
+  static std::atomic<int>& stop_signal() {
+    static std::atomic<int> signal{0};
+    return signal;
+  }
+
   /// The resumed checkpoint's step, or -1 when this run started afresh.
   int64_t resumed_from() const {
     return resumed_from_;
   }
 
-  /// Accuracy over the whole test set.
+  /// Accuracy over the whole test set. With several ranks it is collective:
+  /// every rank evaluates its contiguous share of the test set with rank 0's
+  /// buffers (BatchNorm statistics), and the counts are summed, so the result
+  /// is rank 0's model on the whole test set, computed world_size times
+  /// faster, and no rank waits idle in the next collective meanwhile.
   double evaluate() {
     torch::NoGradGuard no_grad;
+    const auto& test = dataset_.test;
+    const int world = config_.distributed.world_size;
+    const int rank = config_.distributed.rank;
+    if (parallel_) {
+      parallel_->broadcast_buffers();
+    }
     model_->eval();
     int64_t correct = 0;
-    const auto& test = dataset_.test;
+    const auto [first, end] = eval_shard(test.size(), rank, world);
     constexpr int64_t kEvalBatch = 500;
-    for (int64_t begin = 0; begin < test.size(); begin += kEvalBatch) {
-      const int64_t n = std::min(kEvalBatch, test.size() - begin);
+    for (int64_t begin = first; begin < end; begin += kEvalBatch) {
+      const int64_t n = std::min(kEvalBatch, end - begin);
       auto indices = torch::arange(begin, begin + n, torch::kInt64);
       auto images =
           to_device(make_batch(dataset_, test, indices, false, nullptr));
@@ -384,11 +443,38 @@ class Trainer {
           model_->forward(images).argmax(1).eq(labels).sum().item<int64_t>();
     }
     model_->train();
+    if (parallel_) {
+      correct = static_cast<int64_t>(
+          parallel_->all_reduce_sum({static_cast<double>(correct)})[0]);
+    }
     last_test_accuracy_ = double(correct) / double(test.size());
     return last_test_accuracy_;
   }
 
+  /// The test images [first, end) that `rank` of `world` evaluates:
+  /// contiguous, disjoint, together all `n`.
+  static std::pair<int64_t, int64_t> eval_shard(
+      int64_t n,
+      int rank,
+      int world) {
+    return {n * rank / world, n * (rank + 1) / world};
+  }
+
  private:
+  /// Whether to stop before the next step: a signal arrived here or, with
+  /// several ranks, at any rank (one small all-reduce a step, so that every
+  /// rank stops at the same step boundary and none waits in a collective).
+  bool stop_requested() {
+    double stop = stop_signal().load() != 0 ? 1.0 : 0.0;
+    if (parallel_) {
+      stop = parallel_->all_reduce_sum({stop})[0];
+    }
+    if (stop > 0 && stop_signal().load() == 0) {
+      stop_signal().store(-1); // a peer's signal
+    }
+    return stop > 0;
+  }
+
   /// evaluate(), with its memory peak kept apart from training's.
   double evaluate_measured() {
     train_peak_ = std::max(train_peak_, peak_memory());
