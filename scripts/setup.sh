@@ -13,14 +13,18 @@
 #   /path/to/libtorch an unpacked libtorch zip (or any CMAKE_PREFIX_PATH
 #                     holding share/cmake/Torch)
 # TORCHREV_BUILD overrides the build directory (default: build for the system
-# LibTorch, build-torch-<version or name> otherwise).
+# LibTorch, build-torch-<version or name> otherwise; -sanitize appended with
+# TORCHREV_SANITIZE, see below).
 set -euo pipefail
 
 TORCHREV_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TORCHREV_LIBTORCH=${TORCHREV_LIBTORCH:-system}
+build_given=${TORCHREV_BUILD:+yes}
 
 packages=(cmake g++ make ccache libgtest-dev libfmt-dev libcli11-dev
   zlib1g-dev nlohmann-json3-dev dataset-fashion-mnist doxygen
+  # tcmalloc for the examples and benchmarks (lower RSS, faster steps).
+  libgoogle-perftools-dev
   # c10d's Gloo header includes Gloo's headers, which LibTorch does not ship.
   libgloo-dev)
 if [[ $TORCHREV_LIBTORCH == system ]]; then
@@ -80,6 +84,17 @@ case $TORCHREV_LIBTORCH in
     cmake_args+=("-DCMAKE_PREFIX_PATH=$prefix")
     ;;
 esac
+# TORCHREV_SANITIZE=address,undefined (or any -fsanitize= list) builds the
+# tests and examples with those sanitizers into <build>-sanitize, without the
+# benchmarks; scripts/test.sh then sets the sanitizers' runtime options.
+if [[ -n ${TORCHREV_SANITIZE:-} ]]; then
+  [[ -n $build_given ]] || TORCHREV_BUILD=$TORCHREV_BUILD-sanitize
+  sanitize_args=(-DTORCHREV_SANITIZE="$TORCHREV_SANITIZE"
+    -DTORCHREV_BUILD_BENCHMARKS=OFF)
+else
+  sanitize_args=(-DTORCHREV_SANITIZE=)
+fi
+
 # The wheels and the CUDA libtorch zips are CUDA builds: their CMake package
 # looks for the CUDA toolkit even where no GPU is present.
 if [[ $TORCHREV_LIBTORCH != system && -x /usr/local/cuda/bin/nvcc ]]; then
@@ -94,4 +109,4 @@ jobs=$(nproc 2>/dev/null || echo 2)
 cmake -S "$TORCHREV_ROOT" -B "$TORCHREV_BUILD" -DCMAKE_BUILD_TYPE=Release \
   -DTORCHREV_BUILD_TESTS=ON -DTORCHREV_BUILD_EXAMPLES=ON \
   -DTORCHREV_BUILD_BENCHMARKS=ON \
-  "${cmake_args[@]}" | { grep '^-- torchrev:' || true; }
+  "${cmake_args[@]}" "${sanitize_args[@]}" | { grep '^-- torchrev:' || true; }

@@ -7,6 +7,8 @@
 // Nothing is ever downloaded. Every reader checks sizes and headers and
 // reports a truncated or corrupt file by name.
 
+#include "formats.h"
+
 #include <torch/torch.h>
 #include <zlib.h>
 
@@ -43,11 +45,6 @@ struct Dataset {
   int64_t channels() const {
     return train.images.size(1);
   }
-};
-
-/// Thrown for missing, unreadable, truncated or corrupt data.
-struct DataError : std::runtime_error {
-  using std::runtime_error::runtime_error;
 };
 
 namespace detail {
@@ -98,39 +95,19 @@ inline std::vector<uint8_t> read_gzip(const fs::path& path) {
   return data;
 }
 
-inline uint32_t big_endian_u32(
-    const std::vector<uint8_t>& data,
-    size_t offset) {
-  return (uint32_t(data[offset]) << 24) | (uint32_t(data[offset + 1]) << 16) |
-      (uint32_t(data[offset + 2]) << 8) | uint32_t(data[offset + 3]);
-}
-
 /// Appends the records of one CIFAR binary file to images/labels.
 inline void read_cifar_file(
     const fs::path& path,
     int label_bytes,
     std::vector<uint8_t>& images,
     std::vector<int64_t>& labels) {
-  constexpr size_t kImageBytes = 3 * 32 * 32;
-  const size_t record = label_bytes + kImageBytes;
-  auto data = read_file(path);
-  if (data.empty() || data.size() % record != 0) {
-    throw DataError(
-        path.string() + ": truncated or not a CIFAR binary file (" +
-        std::to_string(data.size()) +
-        " bytes is not a positive multiple of the " + std::to_string(record) +
-        "-byte record)");
-  }
-  const int64_t max_label = label_bytes == 1 ? 9 : 99;
-  for (size_t offset = 0; offset < data.size(); offset += record) {
-    const int64_t label = data[offset + label_bytes - 1]; // fine label last
-    if (label > max_label) {
-      throw DataError(
-          path.string() + ": corrupt record " +
-          std::to_string(offset / record) + " (label " + std::to_string(label) +
-          " > " + std::to_string(max_label) + ")");
-    }
-    labels.push_back(label);
+  const auto data = read_file(path);
+  const size_t records = formats::check_cifar(
+      data.data(), data.size(), label_bytes, path.string());
+  const size_t record = label_bytes + formats::kCifarImageBytes;
+  for (size_t r = 0; r < records; ++r) {
+    const size_t offset = r * record;
+    labels.push_back(data[offset + label_bytes - 1]); // fine label last
     images.insert(
         images.end(),
         data.begin() + offset + label_bytes,
@@ -155,55 +132,24 @@ inline Split cifar_split(const std::vector<fs::path>& files, int label_bytes) {
 inline Split idx_split(
     const fs::path& images_path,
     const fs::path& labels_path) {
-  auto images = read_gzip(images_path);
-  auto labels = read_gzip(labels_path);
-  if (images.size() < 16 || big_endian_u32(images, 0) != 0x00000803) {
-    throw DataError(
-        images_path.string() + ": not an IDX image file (bad magic number)");
-  }
-  if (labels.size() < 8 || big_endian_u32(labels, 0) != 0x00000801) {
-    throw DataError(
-        labels_path.string() + ": not an IDX label file (bad magic number)");
-  }
-  // The header's sizes are checked against the bytes that arrived before
-  // anything is multiplied: a crafted header cannot overflow or allocate.
-  const uint64_t n = big_endian_u32(images, 4);
-  const uint64_t rows = big_endian_u32(images, 8);
-  const uint64_t cols = big_endian_u32(images, 12);
-  constexpr uint64_t kMaxSide = 1 << 14;
-  if (n == 0 || rows == 0 || cols == 0 || rows > kMaxSide || cols > kMaxSide) {
-    throw DataError(
-        images_path.string() + ": header claims " + std::to_string(n) +
-        " images of " + std::to_string(rows) + "x" + std::to_string(cols) +
-        " pixels; expected at least one image of 1 to " +
-        std::to_string(kMaxSide) + " pixels a side");
-  }
-  const uint64_t payload = images.size() - 16;
-  if (payload / (rows * cols) != n || payload % (rows * cols) != 0) {
-    throw DataError(
-        images_path.string() + ": truncated or corrupt (the header claims " +
-        std::to_string(n) + " images of " + std::to_string(rows) + "x" +
-        std::to_string(cols) + ", the file holds " + std::to_string(payload) +
-        " bytes of pixels)");
-  }
-  if (big_endian_u32(labels, 4) != n || labels.size() - 8 != n) {
-    throw DataError(
-        labels_path.string() + ": expected " + std::to_string(n) +
-        " labels to match the images, got a file of " +
-        std::to_string(labels.size()) + " bytes");
-  }
+  const auto images = read_gzip(images_path);
+  const auto labels = read_gzip(labels_path);
+  const auto header = formats::check_idx_images(
+      images.data(), images.size(), images_path.string());
+  formats::check_idx_labels(
+      labels.data(), labels.size(), header.count, 9, labels_path.string());
+  const auto count = static_cast<int64_t>(header.count);
   Split split;
-  const auto count = static_cast<int64_t>(n);
   split.images = torch::from_blob(
-                     images.data() + 16,
-                     {count, 1, int64_t(rows), int64_t(cols)},
+                     const_cast<uint8_t*>(images.data()) +
+                         formats::IdxImages::kHeaderBytes,
+                     {count, 1, int64_t(header.rows), int64_t(header.cols)},
                      torch::kUInt8)
                      .clone();
-  split.labels = torch::from_blob(labels.data() + 8, {count}, torch::kUInt8)
-                     .to(torch::kInt64);
-  if (split.labels.max().item<int64_t>() > 9) {
-    throw DataError(labels_path.string() + ": corrupt (label > 9)");
-  }
+  split.labels =
+      torch::from_blob(
+          const_cast<uint8_t*>(labels.data()) + 8, {count}, torch::kUInt8)
+          .to(torch::kInt64);
   return split;
 }
 

@@ -13,7 +13,7 @@
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
 
-#ifdef __GLIBC__
+#if defined(__GLIBC__) && !defined(TORCHREV_TCMALLOC)
 #include <malloc.h>
 #endif
 
@@ -53,10 +53,11 @@ int main(int argc, char** argv) {
     sigemptyset(&action.sa_mask);
     ::sigaction(sig, &action, nullptr);
   }
-#ifdef __GLIBC__
+#if defined(__GLIBC__) && !defined(TORCHREV_TCMALLOC)
   // Activations of a few MB are allocated and freed at every step; served by
   // mmap/munmap they cost page faults (measured: ~15% of the step time).
-  // Keep them in the heap instead.
+  // Keep them in the heap instead. (Not needed, and without effect, when
+  // the build links tcmalloc.)
   mallopt(M_MMAP_THRESHOLD, 256 << 20);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
 #endif
