@@ -4,6 +4,7 @@
 // "--dp-worker" mode (see main.cpp), and compare what the ranks print.
 
 #include "../examples/cifar/trainer.h"
+#include "cifar_files.h"
 #include "distributed_worker.h"
 #include "process_util.h"
 #include "test_util.h"
@@ -11,6 +12,8 @@
 #include <fmt/core.h>
 
 #include <filesystem>
+#include <future>
+#include <thread>
 
 namespace {
 
@@ -172,4 +175,107 @@ TEST(Distributed, EvaluationOnAllRanksEqualsRankZerosModelOnTheWholeTestSet) {
   alone.model()->load(model_archive);
   EXPECT_EQ(fmt::format("{:.4f}", alone.evaluate()), accuracy);
   std::filesystem::remove_all(dir);
+}
+
+namespace {
+
+/// Two network namespaces joined by a veth pair, removed when destroyed:
+/// two "hosts" on one machine, 10.213.<n>.1 and 10.213.<n>.2.
+struct TwoHosts {
+  std::string a, b, veth_a, veth_b, addr_a, addr_b, error;
+  TwoHosts() {
+    const std::string id = std::to_string(::getpid() % 100000);
+    a = "trv_a" + id;
+    b = "trv_b" + id;
+    veth_a = "trva" + id;
+    veth_b = "trvb" + id;
+    const std::string net = "10.213." + std::to_string(::getpid() % 250) + ".";
+    addr_a = net + "1";
+    addr_b = net + "2";
+    for (const std::string& step :
+         {"ip netns add " + a,
+          "ip netns add " + b,
+          "ip link add " + veth_a + " type veth peer name " + veth_b,
+          "ip link set " + veth_a + " netns " + a,
+          "ip link set " + veth_b + " netns " + b,
+          "ip -n " + a + " addr add " + addr_a + "/24 dev " + veth_a,
+          "ip -n " + b + " addr add " + addr_b + "/24 dev " + veth_b,
+          "ip -n " + a + " link set lo up",
+          "ip -n " + b + " link set lo up",
+          "ip -n " + a + " link set " + veth_a + " up",
+          "ip -n " + b + " link set " + veth_b + " up"}) {
+      auto outcome = run(step);
+      if (outcome.exit_code != 0) {
+        error = step + ": " + outcome.output;
+        return;
+      }
+    }
+  }
+  ~TwoHosts() {
+    run("ip netns del " + a);
+    run("ip netns del " + b);
+  }
+};
+
+} // namespace
+
+TEST(Distributed, RanksOnTwoHostsTrainAndACutLinkEndsBothWithAClearError) {
+  if (std::string(TORCHREV_CIFAR_TRAIN).empty()) {
+    GTEST_SKIP() << "examples are not built";
+  }
+  if (::geteuid() != 0) {
+    GTEST_SKIP() << "network namespaces need root";
+  }
+  TwoHosts hosts;
+  if (!hosts.error.empty()) {
+    GTEST_SKIP() << "cannot create network namespaces here: " << hosts.error;
+  }
+  const auto data = std::filesystem::temp_directory_path() /
+      ("torchrev_netns_" + std::to_string(::getpid()));
+  write_cifar10_dir(data, 32, 8);
+  auto rank = [&](const std::string& ns, int r, const std::string& extra) {
+    return "ip netns exec " + ns + " " + std::string(TORCHREV_CIFAR_TRAIN) +
+        " --quiet --data-dir " + data.string() +
+        " --batch-size 8 --threads 1 --world-size 2 --rank " +
+        std::to_string(r) + " --master-addr " + hosts.addr_a + " " + extra;
+  };
+  // Each rank sees only its own namespace: rank 1 reaches rank 0 over the
+  // veth pair, and both must advertise that link's address to Gloo.
+  const std::string common = fmt::format(
+      "--max-steps 6 --master-port {} --dist-timeout 30", free_port());
+  auto ranks = run_all({rank(hosts.a, 0, common), rank(hosts.b, 1, common)});
+  for (int r = 0; r < 2; ++r) {
+    ASSERT_EQ(ranks[r].exit_code, 0) << "rank " << r << ":\n"
+                                     << ranks[r].output;
+  }
+  EXPECT_NE(
+      ranks[1].output.find("gloo uses " + hosts.addr_b), std::string::npos)
+      << ranks[1].output;
+  const auto sum0 = value_of(ranks[0].output, "param_checksum");
+  ASSERT_FALSE(sum0.empty());
+  EXPECT_EQ(sum0, value_of(ranks[1].output, "param_checksum"));
+
+  // The link cut mid-run: both ranks end with one error line, within the
+  // timeout (plus start-up), instead of hanging.
+  constexpr int kTimeout = 10;
+  const std::string long_run = fmt::format(
+      "--max-steps 5000 --master-port {} --dist-timeout {}",
+      free_port(),
+      kTimeout);
+  auto cut = std::async(std::launch::async, [&] {
+    std::this_thread::sleep_for(std::chrono::seconds(4));
+    return run("ip -n " + hosts.a + " link set " + hosts.veth_a + " down");
+  });
+  auto cut_ranks =
+      run_all({rank(hosts.a, 0, long_run), rank(hosts.b, 1, long_run)});
+  EXPECT_EQ(cut.get().exit_code, 0);
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_NE(cut_ranks[r].exit_code, 0) << cut_ranks[r].output;
+    EXPECT_NE(
+        cut_ranks[r].output.find("cifar_train: error: "), std::string::npos)
+        << "rank " << r << ":\n"
+        << cut_ranks[r].output;
+    EXPECT_LT(cut_ranks[r].seconds, 4 + 3 * kTimeout) << cut_ranks[r].output;
+  }
+  std::filesystem::remove_all(data);
 }

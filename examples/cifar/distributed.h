@@ -60,9 +60,16 @@
 #endif
 
 #include <algorithm>
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <memory>
@@ -803,7 +810,52 @@ class DataParallel {
     if (master_addr == "localhost" || master_addr.rfind("127.", 0) == 0) {
       return c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1");
     }
+    // Gloo's default resolves this host's name, which on many machines maps
+    // to a loopback address that peers cannot reach. Use the local address
+    // that routes to the master instead: what a connected UDP socket is
+    // bound to (nothing is sent).
+    const std::string local = local_address_towards(master_addr);
+    if (!local.empty()) {
+      std::fprintf(
+          stderr,
+          "cifar_train: gloo uses %s, the local address that routes to %s "
+          "(set GLOO_SOCKET_IFNAME to choose an interface)\n",
+          local.c_str(),
+          master_addr.c_str());
+      return c10d::ProcessGroupGloo::createDeviceForHostname(local);
+    }
     return c10d::ProcessGroupGloo::createDefaultDevice();
+  }
+
+  /// This host's IPv4 address on the route to `host`, or "" when `host`
+  /// does not resolve or no route leads there.
+  static std::string local_address_towards(const std::string& host) {
+    addrinfo hints{};
+    hints.ai_family = AF_INET;
+    hints.ai_socktype = SOCK_DGRAM;
+    addrinfo* found = nullptr;
+    if (::getaddrinfo(host.c_str(), "9", &hints, &found) != 0 ||
+        found == nullptr) {
+      return "";
+    }
+    std::string local;
+    const int fd = ::socket(AF_INET, SOCK_DGRAM, 0);
+    if (fd >= 0 && ::connect(fd, found->ai_addr, found->ai_addrlen) == 0) {
+      sockaddr_in bound{};
+      socklen_t length = sizeof(bound);
+      char text[INET_ADDRSTRLEN] = {};
+      if (::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &length) ==
+              0 &&
+          ::inet_ntop(AF_INET, &bound.sin_addr, text, sizeof(text)) !=
+              nullptr) {
+        local = text;
+      }
+    }
+    if (fd >= 0) {
+      ::close(fd);
+    }
+    ::freeaddrinfo(found);
+    return local;
   }
 
   /// Records aliases of the requires-grad parameters (each tensor once).
