@@ -64,7 +64,12 @@ TEST(Soak, TwoThousandStepsKeepMemoryFlatAfterWarmUp) {
   EXPECT_EQ(meter.current_bytes(), live_before);
   EXPECT_EQ(live_max, live_before);
   // The process: a leak of one small activation per step would add about
-  // 2000 x 8 KiB = 16 MiB here.
+  // 2000 x 8 KiB = 16 MiB here. Not under AddressSanitizer, whose
+  // quarantine keeps up to 256 MiB of freed memory resident on purpose.
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "RSS is not meaningful under AddressSanitizer (live bytes "
+                  "were checked above)";
+#endif
   const double growth_mib =
       (double(resident_bytes()) - double(rss_before)) / (1 << 20);
   EXPECT_LT(growth_mib, 4.0) << "RSS grew by " << growth_mib << " MiB";
