@@ -24,6 +24,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <limits>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -383,22 +384,16 @@ class Trainer {
     mine.emplace_back("--steps", std::to_string(total_steps_));
     const auto all = parallel_->gather_strings(encode_settings(mine));
     for (size_t r = 0; r < all.size(); ++r) {
-      std::istringstream theirs(all[r]);
-      std::string flag, value;
-      while (theirs >> flag >> value) {
-        for (const auto& [f, v] : mine) {
-          if (f == flag && v != value) {
-            throw std::runtime_error(fmt::format(
-                "rank {}: rank {} was started with {} {}, but this rank has "
-                "{} {}; start every rank with the same settings",
-                config_.distributed.rank,
-                r,
-                flag,
-                value,
-                flag,
-                v));
-          }
-        }
+      if (const auto d = first_difference(all[r], mine)) {
+        throw std::runtime_error(fmt::format(
+            "rank {}: rank {} was started with {} {}, but this rank has "
+            "{} {}; start every rank with the same settings",
+            config_.distributed.rank,
+            r,
+            d->flag,
+            d->theirs,
+            d->flag,
+            d->ours));
       }
     }
   }
@@ -685,6 +680,36 @@ class Trainer {
     };
   }
 
+  /// A setting whose value differs between two runs.
+  struct SettingDifference {
+    std::string flag, theirs, ours;
+  };
+
+  /// Compares `encoded` (encode_settings' format) with `ours`: the first
+  /// flag in `encoded` whose value differs, if any. `matched`, when given,
+  /// counts the flags of `encoded` found in `ours` with the same value.
+  static std::optional<SettingDifference> first_difference(
+      const std::string& encoded,
+      const std::vector<std::pair<std::string, std::string>>& ours,
+      size_t* matched = nullptr) {
+    std::istringstream theirs(encoded);
+    std::string flag, value;
+    while (theirs >> flag >> value) {
+      for (const auto& [f, v] : ours) {
+        if (f != flag) {
+          continue;
+        }
+        if (v != value) {
+          return SettingDifference{flag, value, v};
+        }
+        if (matched != nullptr) {
+          ++*matched;
+        }
+      }
+    }
+    return std::nullopt;
+  }
+
   static std::string encode_settings(
       const std::vector<std::pair<std::string, std::string>>& settings) {
     std::string out;
@@ -807,26 +832,17 @@ class Trainer {
     if (step < 0 || step > total) {
       fail(fmt::format("step {} is outside [0, {}]", step, total));
     }
-    std::istringstream saved(settings.toStringRef());
-    std::string flag, value;
     const auto current = run_settings();
     size_t matched = 0;
-    while (saved >> flag >> value) {
-      for (const auto& [f, v] : current) {
-        if (f != flag) {
-          continue;
-        }
-        if (v != value) {
-          fail(fmt::format(
-              "was written with {} {}, but this run has {} {}; resume with "
-              "the run's settings",
-              flag,
-              value,
-              flag,
-              v));
-        }
-        ++matched;
-      }
+    if (const auto d =
+            first_difference(settings.toStringRef(), current, &matched)) {
+      fail(fmt::format(
+          "was written with {} {}, but this run has {} {}; resume with "
+          "the run's settings",
+          d->flag,
+          d->theirs,
+          d->flag,
+          d->ours));
     }
     if (matched != current.size()) {
       fail("records incomplete settings (not a checkpoint of this version)");
