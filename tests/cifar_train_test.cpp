@@ -102,6 +102,16 @@ TEST(CifarTrainCli, BadInputFailsWithOneLineAndNoOutputFiles) {
       "does not exist",
       scratch.dir);
   expect_clean_failure(
+      "--resume-if-exists",
+      "--resume-if-exists needs --checkpoint FILE",
+      scratch.dir);
+  expect_clean_failure(
+      "--checkpoint " + (scratch.dir / "none.pt").string() +
+          " --resume --resume-if-exists",
+      "--resume and --resume-if-exists: give one of them",
+      scratch.dir);
+  expect_clean_failure("--local-rank -1", "--local-rank", scratch.dir);
+  expect_clean_failure(
       "--metrics /nonexistent/dir/m.csv",
       "/nonexistent/dir",
       scratch.dir,

@@ -110,6 +110,35 @@ TEST(Distributed, APeerThatNeverJoinsTimesOut) {
       << alone.output;
 }
 
+TEST(Distributed, AStoreThatNeverAnswersEndsWithAClearErrorWithinTheTimeout) {
+  if (!have_fashion_mnist()) {
+    GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  }
+  // A port that accepts connections (the kernel completes them) but where
+  // nothing ever answers.
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(::listen(fd, 16), 0);
+  socklen_t length = sizeof(addr);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length);
+  auto client = run(cifar_train(fmt::format(
+      "--max-steps 2 --world-size 2 --rank 1 --master-port {} "
+      "--dist-timeout 3",
+      ntohs(addr.sin_port))));
+  ::close(fd);
+  EXPECT_NE(client.exit_code, 0);
+  EXPECT_EQ(client.output.rfind("cifar_train: error: rank 1: ", 0), 0u)
+      << client.output;
+  EXPECT_NE(client.output.find("3 s"), std::string::npos) << client.output;
+  EXPECT_EQ(std::count(client.output.begin(), client.output.end(), '\n'), 1)
+      << client.output;
+  EXPECT_LT(client.seconds, 30.0);
+}
+
 TEST(Distributed, RanksWithDifferentSettingsRefuseToTrain) {
   if (!have_fashion_mnist()) {
     GTEST_SKIP() << "dataset-fashion-mnist is not installed";
@@ -278,4 +307,185 @@ TEST(Distributed, RanksOnTwoHostsTrainAndACutLinkEndsBothWithAClearError) {
     EXPECT_LT(cut_ranks[r].seconds, 4 + 3 * kTimeout) << cut_ranks[r].output;
   }
   std::filesystem::remove_all(data);
+}
+
+namespace {
+
+/// A scratch folder with a tiny CIFAR-10 set in `tiny/`.
+struct TinyCifarScratch {
+  std::filesystem::path dir = std::filesystem::temp_directory_path() /
+      ("torchrev_elastic_" + std::to_string(::getpid()));
+  TinyCifarScratch() {
+    std::filesystem::remove_all(dir);
+    write_cifar10_dir(dir / "tiny", 8, 4);
+  }
+  ~TinyCifarScratch() {
+    std::filesystem::remove_all(dir);
+  }
+  /// cifar_train's arguments for a short run on the tiny set (no launcher).
+  std::string training(int steps, const std::string& extra) const {
+    return fmt::format(
+        "{} --quiet --data-dir {} --model revnet_mini --batch-size 8 "
+        "--max-steps {} --threads 1 --dist-timeout 30 {}",
+        TORCHREV_CIFAR_TRAIN,
+        (dir / "tiny").string(),
+        steps,
+        extra);
+  }
+};
+
+std::vector<std::string> checksums_in(const std::string& output) {
+  std::vector<std::string> found;
+  const std::regex line("param_checksum=([^\\n]+)");
+  for (auto it = std::sregex_iterator(output.begin(), output.end(), line);
+       it != std::sregex_iterator();
+       ++it) {
+    found.push_back((*it)[1]);
+  }
+  return found;
+}
+
+} // namespace
+
+TEST(Torchrun, AKilledRankRestartsTheGroupWhichResumesLikeAnUninterruptedRun) {
+  if (std::string(TORCHREV_CIFAR_TRAIN).empty()) {
+    GTEST_SKIP() << "examples are not built";
+  }
+  if (std::string(TORCHREV_TORCHRUN).empty()) {
+    GTEST_SKIP() << "no torchrun found (it comes with the torch wheel of the "
+                    "LibTorch 2.x leg: TORCHREV_LIBTORCH=2.13.0)";
+  }
+  TinyCifarScratch scratch;
+  constexpr int kSteps = 100; // about 3 s for both ranks
+  const std::string common =
+      fmt::format("--world-size 2 --master-port {}", free_port());
+  auto reference = run_all(
+      {scratch.training(kSteps, common + " --rank 0"),
+       scratch.training(kSteps, common + " --rank 1")});
+  ASSERT_EQ(reference[0].exit_code, 0) << reference[0].output;
+  ASSERT_EQ(reference[1].exit_code, 0) << reference[1].output;
+  const auto expected = value_of(reference[0].output, "param_checksum");
+  ASSERT_FALSE(expected.empty());
+
+  // The same command for every attempt, as torchrun restarts it. Rank 1 is
+  // killed once a checkpoint exists; torchrun stops rank 0 and starts both
+  // again, and they continue from the checkpoint. The worker that has RANK=1
+  // in its environment is torchrun's child (--no-python: no interpreter).
+  const auto checkpoint = (scratch.dir / "ck.pt").string();
+  const auto log = (scratch.dir / "torchrun.log").string();
+  // A LibTorch 1.x client cannot talk to the store a torchrun 2.x hosts;
+  // rank 0 then hosts its own (see README).
+  const std::string launch = fmt::format(
+      "{}{} --standalone --nproc-per-node 2 --max-restarts 1 --no-python {}",
+      TORCH_VERSION_MAJOR < 2 ? "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 " : "",
+      TORCHREV_TORCHRUN,
+      scratch.training(
+          kSteps,
+          "--checkpoint " + checkpoint + " --checkpoint-every 1 --resume"));
+  auto outcome =
+      run("bash -c '" + launch + " > " + log + " 2>&1 & launcher=$!; " +
+          "for i in $(seq 1200); do [ -f " + checkpoint +
+          " ] && break; sleep 0.05; done; killed=0; " +
+          "for p in $(pgrep -P $launcher); do " +
+          "if tr \"\\0\" \"\\n\" < /proc/$p/environ | grep -qx RANK=1; then " +
+          "kill -KILL $p && killed=1; fi; done; " +
+          "wait $launcher; echo launcher_exit=$?; echo killed=$killed; cat " +
+          log + "'");
+  EXPECT_EQ(value_of(outcome.output, "killed"), "1") << outcome.output;
+  ASSERT_EQ(value_of(outcome.output, "launcher_exit"), "0") << outcome.output;
+  // The first attempt starts afresh although --resume was given.
+  EXPECT_NE(
+      outcome.output.find("no checkpoint " + checkpoint + " yet"),
+      std::string::npos)
+      << outcome.output;
+  EXPECT_NE(outcome.output.find("after restart 1"), std::string::npos)
+      << outcome.output;
+  // Only the restarted ranks finish; both print the uninterrupted checksum.
+  EXPECT_EQ(checksums_in(outcome.output), std::vector<std::string>(2, expected))
+      << outcome.output;
+}
+
+TEST(Torchrun, RanksThatResumedDifferentCheckpointsRefuseToTrain) {
+  if (std::string(TORCHREV_CIFAR_TRAIN).empty()) {
+    GTEST_SKIP() << "examples are not built";
+  }
+  TinyCifarScratch scratch;
+  // A checkpoint of a 2-rank run at step 3, which only rank 0 will find (as
+  // when the machines share no file system).
+  const auto shared = (scratch.dir / "ck.pt").string();
+  const std::string first =
+      fmt::format("--world-size 2 --master-port {}", free_port());
+  auto stopped = run_all(
+      {scratch.training(
+           10,
+           first + " --rank 0 --checkpoint " + shared +
+               " --stop-after 3 "
+               "--checkpoint-every 1"),
+       scratch.training(10, first + " --rank 1 --stop-after 3")});
+  ASSERT_EQ(stopped[0].exit_code, 0) << stopped[0].output;
+  ASSERT_TRUE(std::filesystem::exists(shared));
+
+  const std::string second =
+      fmt::format("--world-size 2 --master-port {}", free_port());
+  auto ranks = run_all(
+      {scratch.training(
+           10, second + " --rank 0 --resume --checkpoint " + shared),
+       scratch.training(
+           10,
+           second + " --rank 1 --resume-if-exists --checkpoint " +
+               (scratch.dir / "missing.pt").string())});
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_NE(ranks[r].exit_code, 0) << ranks[r].output;
+    EXPECT_NE(
+        ranks[r].output.find(
+            r == 0 ? "rank 0: rank 1 resumed from step 0, but this rank from "
+                     "step 3; every rank must read the same --checkpoint file"
+                   : "rank 1: rank 0 resumed from step 3, but this rank from "
+                     "step 0"),
+        std::string::npos)
+        << "rank " << r << ":\n"
+        << ranks[r].output;
+  }
+}
+
+TEST(Torchrun, LauncherVariablesAreReadAndBadOnesNamed) {
+  // Each test runs in a process of its own (CTest): the variables stay here.
+  ::setenv("WORLD_SIZE", "4", 1);
+  ::setenv("RANK", "3", 1);
+  ::setenv("LOCAL_RANK", "1", 1);
+  ::setenv("TORCHELASTIC_USE_AGENT_STORE", "True", 1);
+  ::setenv("TORCHELASTIC_RESTART_COUNT", "2", 1);
+  ::setenv("TORCHELASTIC_RUN_ID", "job7", 1);
+  auto options = cifar::DistributedOptions::from_environment();
+  EXPECT_EQ(options.world_size, 4);
+  EXPECT_EQ(options.rank, 3);
+  EXPECT_EQ(options.local_rank, 1);
+  EXPECT_TRUE(options.launcher_hosts_store);
+  EXPECT_EQ(options.restart_count, 2);
+  EXPECT_EQ(options.elastic_run_id, "job7");
+
+  ::setenv("TORCHELASTIC_USE_AGENT_STORE", "False", 1);
+  EXPECT_FALSE(
+      cifar::DistributedOptions::from_environment().launcher_hosts_store);
+  ::setenv("LOCAL_RANK", "-1", 1);
+  try {
+    cifar::DistributedOptions::from_environment();
+    ADD_FAILURE() << "LOCAL_RANK=-1 was accepted";
+  } catch (const std::runtime_error& e) {
+    EXPECT_STREQ(
+        e.what(), "invalid LOCAL_RANK='-1': expected an integer in [0, 65534]");
+  }
+  for (const char* name :
+       {"WORLD_SIZE",
+        "RANK",
+        "LOCAL_RANK",
+        "TORCHELASTIC_USE_AGENT_STORE",
+        "TORCHELASTIC_RESTART_COUNT",
+        "TORCHELASTIC_RUN_ID"}) {
+    ::unsetenv(name);
+  }
+  options = cifar::DistributedOptions::from_environment();
+  EXPECT_EQ(options.local_rank, 0);
+  EXPECT_FALSE(options.launcher_hosts_store);
+  EXPECT_TRUE(options.elastic_run_id.empty());
 }

@@ -3,7 +3,8 @@
 /// Multi-process data-parallel training for the CIFAR example, on c10d.
 ///
 /// One process per rank. Rank 0 hosts a `c10d::TCPStore` at
-/// MASTER_ADDR:MASTER_PORT, every rank joins it, and a Gloo process group
+/// MASTER_ADDR:MASTER_PORT (or, under torchrun, the launcher already hosts
+/// it there), every rank joins it, and a Gloo process group
 /// (NCCL for CUDA devices when LibTorch was built with it) carries the
 /// collectives. `DataParallel` broadcasts rank 0's parameters and buffers,
 /// then averages gradients bucket by bucket while backward is still running,
@@ -46,6 +47,7 @@
 #define USE_C10D_GLOO
 #define CIFAR_DISTRIBUTED_DEFINED_USE_C10D_GLOO
 #endif
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #ifdef CIFAR_DISTRIBUTED_DEFINED_USE_C10D_GLOO
 #undef USE_C10D_GLOO
@@ -72,11 +74,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <unordered_set>
 #include <utility>
 #include <vector>
@@ -374,10 +378,25 @@ struct DistributedOptions {
   int master_port = 29500;
   /// Limit for the rendezvous and for each collective.
   std::chrono::milliseconds timeout{60000};
+  /// This process's index among the ranks on its machine (LOCAL_RANK, or
+  /// --local-rank): the CUDA device it trains on.
+  int local_rank = 0;
+  /// True when a launcher already hosts the TCPStore at
+  /// MASTER_ADDR:MASTER_PORT (torchrun sets TORCHELASTIC_USE_AGENT_STORE=True):
+  /// then every rank, rank 0 included, connects to it as a client.
+  bool launcher_hosts_store = false;
+  /// How often the launcher has restarted this group
+  /// (TORCHELASTIC_RESTART_COUNT). The store's keys of each attempt are kept
+  /// apart, because a launcher's store outlives the attempts.
+  int restart_count = 0;
+  /// The launcher's run id (TORCHELASTIC_RUN_ID), empty when no elastic
+  /// launcher started this process.
+  std::string elastic_run_id;
 
-  /// Fills fields from WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT when set
-  /// (fields of unset variables keep their defaults). An invalid value
-  /// throws a one-line std::runtime_error naming the variable and value.
+  /// Fills fields from WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT,
+  /// LOCAL_RANK and torchrun's TORCHELASTIC_* variables when set (fields of
+  /// unset variables keep their defaults). An invalid value throws a one-line
+  /// std::runtime_error naming the variable and value.
   static DistributedOptions from_environment() {
     DistributedOptions options;
     if (const char* v = std::getenv("WORLD_SIZE")) {
@@ -398,6 +417,21 @@ struct DistributedOptions {
     if (const char* v = std::getenv("MASTER_PORT")) {
       options.master_port =
           static_cast<int>(detail::parse_env_int("MASTER_PORT", v, 1, 65535));
+    }
+    if (const char* v = std::getenv("LOCAL_RANK")) {
+      options.local_rank =
+          static_cast<int>(detail::parse_env_int("LOCAL_RANK", v, 0, 65534));
+    }
+    if (const char* v = std::getenv("TORCHELASTIC_USE_AGENT_STORE")) {
+      // Python's torch.distributed compares with str(True) the same way.
+      options.launcher_hosts_store = std::string(v) == "True";
+    }
+    if (const char* v = std::getenv("TORCHELASTIC_RESTART_COUNT")) {
+      options.restart_count = static_cast<int>(
+          detail::parse_env_int("TORCHELASTIC_RESTART_COUNT", v, 0, 1 << 30));
+    }
+    if (const char* v = std::getenv("TORCHELASTIC_RUN_ID")) {
+      options.elastic_run_id = v;
     }
     return options;
   }
@@ -726,24 +760,58 @@ class DataParallel {
           " ranks at " + endpoint + " failed: " + cause);
     };
 
-    try {
-      c10d::TCPStoreOptions store_options;
-      store_options.port = static_cast<std::uint16_t>(o.master_port);
-      store_options.isServer = o.rank == 0;
-      // TCPStore's own waitWorkers (1.13) returns silently on timeout, so
-      // the ranks count themselves in below instead.
-      store_options.waitWorkers = false;
-      store_options.timeout = o.timeout;
-      s.store = make_store(o.master_addr, store_options);
-      const auto joined = s.store->add("cifar_dp/joined", 1);
-      if (joined == o.world_size) {
-        s.store->set("cifar_dp/all_joined", std::vector<uint8_t>{1});
+    // Joining runs on a thread of its own: a store that accepts the
+    // connection but never answers (a torchrun 2.x store and a LibTorch 1.x
+    // client speak different protocols) would otherwise block past every
+    // timeout. The thread owns what it uses; a hung one is abandoned.
+    auto joining =
+        std::make_shared<std::promise<c10::intrusive_ptr<c10d::Store>>>();
+    auto joined_store = joining->get_future();
+    std::thread([joining, o, start] {
+      try {
+        c10d::TCPStoreOptions store_options;
+        store_options.port = static_cast<std::uint16_t>(o.master_port);
+        store_options.isServer = o.rank == 0 && !o.launcher_hosts_store;
+        // TCPStore's own waitWorkers (1.13) returns silently on timeout, so
+        // the ranks count themselves in below instead.
+        store_options.waitWorkers = false;
+        store_options.timeout = o.timeout;
+        // Each attempt of a restarted group has keys of its own: a
+        // launcher's store keeps the previous attempt's (its join count
+        // included).
+        c10::intrusive_ptr<c10d::Store> store =
+            c10::make_intrusive<c10d::PrefixStore>(
+                "torchrev/attempt" + std::to_string(o.restart_count),
+                make_store(o.master_addr, store_options));
+        const auto joined = store->add("cifar_dp/joined", 1);
+        if (joined == o.world_size) {
+          store->set("cifar_dp/all_joined", std::vector<uint8_t>{1});
+        }
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+            start + o.timeout - std::chrono::steady_clock::now());
+        store->wait(
+            {"cifar_dp/all_joined"},
+            std::max(left, std::chrono::milliseconds(1)));
+        joining->set_value(std::move(store));
+      } catch (...) {
+        joining->set_exception(std::current_exception());
       }
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-          start + o.timeout - std::chrono::steady_clock::now());
-      s.store->wait(
-          {"cifar_dp/all_joined"},
-          std::max(left, std::chrono::milliseconds(1)));
+    }).detach();
+    // The store's own timeouts end the wait first; this is the backstop.
+    if (joined_store.wait_for(o.timeout + std::chrono::seconds(5)) !=
+        std::future_status::ready) {
+      throw std::runtime_error(
+          s.where() + "timed out after " + detail::format_seconds(o.timeout) +
+          " s waiting for an answer from the store at " + endpoint +
+          (o.launcher_hosts_store
+               ? " (hosted by the launcher: a LibTorch 1.x build cannot use "
+                 "the store of a torchrun from torch 2.x; launch "
+                 "with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that rank 0 "
+                 "hosts one)"
+               : ""));
+    }
+    try {
+      s.store = joined_store.get();
     } catch (const std::exception& e) {
       throw fail(e);
     }

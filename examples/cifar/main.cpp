@@ -142,7 +142,15 @@ int main(int argc, char** argv) {
          config.checkpoint_every,
          "checkpoint every N steps (0: at each evaluation)")
       ->capture_default_str();
-  app.add_flag("--resume", config.resume, "continue from --checkpoint");
+  app.add_flag(
+      "--resume",
+      config.resume,
+      "continue from --checkpoint (under torchrun: if it exists, so that a "
+      "restarted group continues)");
+  app.add_flag(
+      "--resume-if-exists",
+      config.resume_if_exists,
+      "continue from --checkpoint if it exists, else start afresh");
   app.add_option(
          "--stop-after",
          config.stop_after,
@@ -171,6 +179,12 @@ int main(int argc, char** argv) {
   app.add_option(
          "--master-port", dist.master_port, "rank 0's port (env MASTER_PORT)")
       ->capture_default_str();
+  app.add_option(
+         "--local-rank,--local_rank",
+         dist.local_rank,
+         "rank on this machine: the CUDA device used (env LOCAL_RANK)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   double timeout_s = dist.timeout.count() / 1000.0;
   app.add_option(
          "--dist-timeout",
@@ -198,6 +212,12 @@ int main(int argc, char** argv) {
   }
   dist.timeout = std::chrono::milliseconds(
       std::max<int64_t>(1, static_cast<int64_t>(timeout_s * 1000)));
+  // torchrun restarts the whole group with the same command line: the first
+  // attempt has no checkpoint yet, the later ones continue from it.
+  if (config.resume && !dist.elastic_run_id.empty()) {
+    config.resume = false;
+    config.resume_if_exists = true;
+  }
 
   try {
     cifar::Trainer trainer(config);
@@ -221,9 +241,17 @@ int main(int argc, char** argv) {
     if (trainer.is_main_rank() && trainer.resumed_from() >= 0) {
       fmt::print(
           stderr,
-          "cifar_train: resumed from step {} of {} ({})\n",
+          "cifar_train: resumed from step {} of {} ({}){}\n",
           trainer.resumed_from(),
           trainer.total_steps(),
+          config.checkpoint,
+          dist.restart_count > 0
+              ? fmt::format(" after restart {}", dist.restart_count)
+              : "");
+    } else if (trainer.is_main_rank() && config.resume_if_exists) {
+      fmt::print(
+          stderr,
+          "cifar_train: no checkpoint {} yet; starting at step 0\n",
           config.checkpoint);
     }
     const auto result = trainer.run();

@@ -51,7 +51,8 @@ struct TrainConfig {
   std::string metrics; // CSV file
   std::string checkpoint; // checkpoint file
   int64_t checkpoint_every = 0; // 0: at each evaluation and at the end
-  bool resume = false;
+  bool resume = false; // continue from `checkpoint`, which must exist
+  bool resume_if_exists = false; // continue from `checkpoint` if it exists
   int64_t stop_after = 0; // stop after this step, as if interrupted (tests)
   std::string augment = "auto"; // auto (CIFAR only), on, off
   bool channels_last = true; // NHWC tensors: much faster convolutions on CPU
@@ -161,13 +162,26 @@ class Trainer {
     if (config_.threads > 0) {
       torch::set_num_threads(config_.threads);
     }
-    device_ =
-        torch::Device(config_.device == "cuda" ? torch::kCUDA : torch::kCPU);
-    if (device_.is_cuda()) {
+    device_ = torch::Device(torch::kCPU);
+    if (config_.device == "cuda") {
       if (!torch::cuda::is_available()) {
         throw std::invalid_argument(
             "--device cuda: no CUDA device is available");
       }
+      // One device per rank on a machine: the launcher's LOCAL_RANK.
+      const int local_rank = config_.distributed.local_rank;
+      const auto devices = static_cast<int>(torch::cuda::device_count());
+      if (local_rank >= devices) {
+        throw std::invalid_argument(fmt::format(
+            "--device cuda: local rank {} needs CUDA device {}, but this "
+            "machine has {} (start at most {} ranks per machine)",
+            local_rank,
+            local_rank,
+            devices,
+            devices));
+      }
+      device_ = torch::Device(
+          torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank));
     }
     dataset_ = load_dataset(config_.dataset, config_.data_dir);
     augment_ = config_.augment == "on" ||
@@ -221,7 +235,9 @@ class Trainer {
         remove_stale_temporaries(*path);
       }
     }
-    if (config_.resume) {
+    if (config_.resume ||
+        (config_.resume_if_exists &&
+         std::filesystem::exists(config_.checkpoint))) {
       load_checkpoint();
     }
     if (config_.distributed.enabled()) {
@@ -382,9 +398,23 @@ class Trainer {
     mine.emplace_back("--model", config_.model);
     mine.emplace_back("--dataset", dataset_.name);
     mine.emplace_back("--steps", std::to_string(total_steps_));
+    // Ranks that resumed different checkpoints (or one none: files not shared
+    // between machines) would train apart.
+    mine.emplace_back("resumed-from-step", std::to_string(step_));
     const auto all = parallel_->gather_strings(encode_settings(mine));
     for (size_t r = 0; r < all.size(); ++r) {
-      if (const auto d = first_difference(all[r], mine)) {
+      const auto d = first_difference(all[r], mine);
+      if (d && d->flag == "resumed-from-step") {
+        throw std::runtime_error(fmt::format(
+            "rank {}: rank {} resumed from step {}, but this rank from step "
+            "{}; every rank must read the same --checkpoint file (a shared "
+            "file system, or a copy on each machine)",
+            config_.distributed.rank,
+            r,
+            d->theirs,
+            d->ours));
+      }
+      if (d) {
         throw std::runtime_error(fmt::format(
             "rank {}: rank {} was started with {} {}, but this rank has "
             "{} {}; start every rank with the same settings",
@@ -581,8 +611,14 @@ class Trainer {
         fail(flag + " " + path + ": cannot write into " + dir.string());
       }
     }
+    if (config_.resume && config_.resume_if_exists) {
+      fail("--resume and --resume-if-exists: give one of them");
+    }
     if (config_.resume && config_.checkpoint.empty()) {
       fail("--resume needs --checkpoint FILE");
+    }
+    if (config_.resume_if_exists && config_.checkpoint.empty()) {
+      fail("--resume-if-exists needs --checkpoint FILE");
     }
     if (config_.resume && !std::filesystem::exists(config_.checkpoint)) {
       fail("--resume: checkpoint " + config_.checkpoint + " does not exist");
