@@ -318,3 +318,84 @@ TEST(CifarTrainCli, SigtermStopsAtAStepBoundaryAndTheCheckpointResumesExactly) {
       value_of(resumed.output, "param_checksum"),
       value_of(reference.output, "param_checksum"));
 }
+
+TEST(CifarTrainCli, AReadOnlyOutputDirectoryLosesNothing) {
+  if (cifar_train_path().empty()) {
+    GTEST_SKIP() << "examples are not built";
+  }
+  if (::geteuid() != 0 || run("unshare --mount true").exit_code != 0) {
+    GTEST_SKIP() << "needs root and unshare --mount (a read-only bind mount "
+                    "is the one read-only directory root cannot write)";
+  }
+  Scratch scratch;
+  write_cifar10_dir(scratch.dir / "tiny", 8, 4);
+  const auto out = scratch.dir / "out";
+  fs::create_directories(out);
+  constexpr int kSteps = 200; // about 5 s here
+  auto training = [&](const std::string& extra) {
+    return cifar_train_path() + " --data-dir " +
+        (scratch.dir / "tiny").string() +
+        " --model revnet_mini --batch-size 8 --threads 1 --max-steps " +
+        std::to_string(kSteps) + " --checkpoint " + (out / "ck.pt").string() +
+        " " + extra;
+  };
+  auto reference =
+      run("(" + training("--quiet --checkpoint-every 0") + " && rm " +
+          (out / "ck.pt").string() + ")");
+  ASSERT_EQ(reference.exit_code, 0) << reference.output;
+  const auto expected = value_of(reference.output, "param_checksum");
+  auto first = run(training("--quiet --checkpoint-every 1 --stop-after 3"));
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  const auto before = file_bytes(out / "ck.pt");
+
+  // In a mount namespace of its own (nothing outlives the test): the output
+  // folder read-only from the start, then made read-only mid-run.
+  const std::string o = out.string(), logs = scratch.dir.string();
+  auto outcome =
+      run("unshare --mount --propagation private bash -c '"
+          "mount --bind " +
+          o + " " + o + " && mount -o remount,ro,bind " + o +
+          " || { echo mounted=0; exit 0; }; echo mounted=1; " +
+          training("--quiet --checkpoint-every 1 --resume") + " > " + logs +
+          "/start.log 2>&1; echo start_exit=$?; cp " + o + "/ck.pt " + logs +
+          "/after_start.pt; mount -o remount,rw,bind " + o + "; " +
+          training("--log-every 1 --checkpoint-every 1 --resume") + " > " +
+          logs + "/mid.log 2>&1 & pid=$!; " +
+          "for i in $(seq 1200); do grep -q \"^step \" " + logs +
+          "/mid.log && break; sleep 0.05; done; " +
+          // The remount fails (EBUSY) while a checkpoint is open for writing.
+          "for i in $(seq 1000); do mount -o remount,ro,bind " + o +
+          " 2>/dev/null && { echo read_only=1; break; }; sleep 0.005; done; " +
+          "wait $pid; echo mid_exit=$?; umount " + o + "'");
+  if (value_of(outcome.output, "mounted") != "1") {
+    GTEST_SKIP() << "cannot make a read-only bind mount here:\n"
+                 << outcome.output;
+  }
+  // Read-only from the start: refused before training, nothing touched.
+  const auto start = file_bytes(scratch.dir / "start.log");
+  EXPECT_NE(value_of(outcome.output, "start_exit"), "0") << outcome.output;
+  EXPECT_EQ(start.rfind("cifar_train: error: --checkpoint ", 0), 0u) << start;
+  EXPECT_NE(start.find("cannot write into " + o), std::string::npos) << start;
+  EXPECT_EQ(std::count(start.begin(), start.end(), '\n'), 1) << start;
+  EXPECT_TRUE(file_bytes(scratch.dir / "after_start.pt") == before);
+
+  // Read-only mid-run: one line, the last checkpoint written before intact.
+  const auto mid = file_bytes(scratch.dir / "mid.log");
+  ASSERT_EQ(value_of(outcome.output, "read_only"), "1") << outcome.output;
+  EXPECT_NE(value_of(outcome.output, "mid_exit"), "0") << outcome.output;
+  EXPECT_NE(mid.find("cifar_train: error: cannot write "), std::string::npos)
+      << mid;
+  EXPECT_NE(mid.find("Read-only file system"), std::string::npos) << mid;
+  EXPECT_NE(mid.find("the previous file is unchanged"), std::string::npos)
+      << mid;
+  EXPECT_EQ(mid.find("terminate"), std::string::npos) << mid;
+  EXPECT_TRUE(temporaries(out).empty());
+
+  // Writable again: the run resumes from that checkpoint and ends exactly
+  // like the uninterrupted one.
+  auto resumed = run(training("--checkpoint-every 1 --resume"));
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("resumed from step "), std::string::npos)
+      << resumed.output;
+  EXPECT_EQ(value_of(resumed.output, "param_checksum"), expected);
+}

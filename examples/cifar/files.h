@@ -77,7 +77,7 @@ inline void write_file_atomically(
     const int error = errno;
     throw FileError(
         "cannot write " + path + ": cannot create " + tmp + ": " +
-        detail::system_reason(error));
+        detail::system_reason(error) + " (the previous file is unchanged)");
   }
   size_t done = 0;
   while (done < bytes.size()) {
