@@ -12,8 +12,9 @@ set ylabel "peak activation memory (MiB)"
 # A linear axis: the stored peak grows linearly with depth, and a log axis
 # would make that look exponential.
 set xrange [0:*]
-plot "depth_sweep.tsv" using 1:2 with linespoints lw 2 title columnheader(2), \
-     "" using 1:3 with linespoints lw 2 title columnheader(3)
+# One line per mode (reversible, stored, checkpointed).
+plot for [c=2:4] "depth_sweep.tsv" using 1:c with linespoints lw 2 \
+     title columnheader(c)
 set xrange [*:*]
 
 set output "zoo_memory_time.png"

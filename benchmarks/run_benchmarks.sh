@@ -17,7 +17,7 @@ threads=${THREADS:-2}
 
 "$bench" --batch 32 --steps 3 --repeats 3 --threads "$threads" \
   --json "$out/cpu_zoo.json" | tee "$out/cpu_zoo.txt"
-"$bench" --sweep-units 3,9,18,36,72 --sweep-modes reversible,stored \
+"$bench" --sweep-units 3,9,18,36,72 --sweep-modes reversible,stored,checkpointed \
   --batch 32 --steps 1 --repeats 3 --threads "$threads" \
   --json "$out/cpu_depth_sweep.json" | tee "$out/cpu_depth_sweep.txt"
 "$bench" --models resnet110,revnet110 --modes reversible,hybrid --steps 1 \
