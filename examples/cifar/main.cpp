@@ -214,7 +214,9 @@ int main(int argc, char** argv) {
       std::max<int64_t>(1, static_cast<int64_t>(timeout_s * 1000)));
   // torchrun restarts the whole group with the same command line: the first
   // attempt has no checkpoint yet, the later ones continue from it.
-  if (config.resume && !dist.elastic_run_id.empty()) {
+  // (Only a well-formed --resume: the flag errors name what was typed.)
+  if (config.resume && !config.resume_if_exists && !config.checkpoint.empty() &&
+      !dist.elastic_run_id.empty()) {
     config.resume = false;
     config.resume_if_exists = true;
   }

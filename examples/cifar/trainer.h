@@ -12,6 +12,8 @@
 #include <fmt/core.h>
 #include <torch/torch.h>
 
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
 #ifdef TORCHREV_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
@@ -182,6 +184,9 @@ class Trainer {
       }
       device_ = torch::Device(
           torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank));
+      // Also the current device, which streams, contexts and NCCL use when
+      // no tensor names one: otherwise every rank would also open GPU 0.
+      c10::impl::getDeviceGuardImpl(device_.type())->setDevice(device_);
     }
     dataset_ = load_dataset(config_.dataset, config_.data_dir);
     augment_ = config_.augment == "on" ||
@@ -400,19 +405,23 @@ class Trainer {
     mine.emplace_back("--steps", std::to_string(total_steps_));
     // Ranks that resumed different checkpoints (or one none: files not shared
     // between machines) would train apart.
-    mine.emplace_back("resumed-from-step", std::to_string(step_));
+    mine.emplace_back("resumed-from-step", std::to_string(resumed_from_));
     const auto all = parallel_->gather_strings(encode_settings(mine));
     for (size_t r = 0; r < all.size(); ++r) {
       const auto d = first_difference(all[r], mine);
       if (d && d->flag == "resumed-from-step") {
+        auto resumed = [](const std::string& step) {
+          return step == "-1" ? std::string("did not resume (no checkpoint)")
+                              : "resumed from step " + step;
+        };
         throw std::runtime_error(fmt::format(
-            "rank {}: rank {} resumed from step {}, but this rank from step "
-            "{}; every rank must read the same --checkpoint file (a shared "
-            "file system, or a copy on each machine)",
+            "rank {}: rank {} {}, but this rank {}; every rank must read the "
+            "same --checkpoint file (a shared file system, or a copy on each "
+            "machine)",
             config_.distributed.rank,
             r,
-            d->theirs,
-            d->ours));
+            resumed(d->theirs),
+            resumed(d->ours)));
       }
       if (d) {
         throw std::runtime_error(fmt::format(
