@@ -230,6 +230,83 @@ TEST(RevStageFunction, ReluBeforeTheStageKeepsTheTensorItSaved) {
   EXPECT_CLOSE(x.grad(), ref_x.grad(), kTol);
 }
 
+// The backward accumulates gradients into the memory of the gradients it is
+// given when nothing else refers to it (LibTorch 2.x hands them over). A
+// gradient the caller keeps must never be written to.
+TEST(RevStageFunction, GradientsTheCallerKeepsAreNeverWrittenTo) {
+  torch::manual_seed(9);
+  for (int depth : {1, 3}) {
+    SCOPED_TRACE("depth " + std::to_string(depth));
+    auto stage = mlp_stage(depth, 4);
+    stage->to(torch::kFloat64);
+    auto input = torch::randn({3, 8}, torch::kFloat64);
+
+    // Kept by a hook on the stage output, and by `retain_grad`.
+    auto x = input.clone().requires_grad_(true);
+    auto y = stage(x);
+    torch::Tensor hooked;
+    y.register_hook([&](const torch::Tensor& g) { hooked = g; });
+    y.retain_grad();
+    y.pow(2).sum().backward();
+    auto expected = 2 * y.detach();
+    EXPECT_CLOSE(hooked, expected, kTol);
+    EXPECT_CLOSE(y.grad(), expected, kTol);
+
+    // Given by the caller.
+    auto x2 = input.clone().requires_grad_(true);
+    auto given = torch::randn({3, 8}, torch::kFloat64);
+    auto given_before = given.clone();
+    stage(x2).backward(given);
+    EXPECT_TRUE(given.equal(given_before));
+  }
+}
+
+// Blocks whose F or G passes the gradient through unchanged (an identity)
+// return the very tensor they were given as the input's gradient: the sum
+// dy + d must not be formed in place in it.
+TEST(RevStageFunction, IdentityHalvesMatchPlainAutograd) {
+  auto linear = [] {
+    return torch::nn::Sequential(torch::nn::Linear(3, 3), torch::nn::Tanh());
+  };
+  auto identity = [] { return torch::nn::Sequential(torch::nn::Identity()); };
+  struct Case {
+    const char* name;
+    bool f_identity, g_identity;
+  };
+  for (const Case& c :
+       {Case{"F identity", true, false},
+        Case{"G identity", false, true},
+        Case{"both identity", true, true}}) {
+    for (bool expanded : {false, true}) { // y.sum(): an expanded gradient
+      SCOPED_TRACE(std::string(c.name) + (expanded ? ", sum" : ", squares"));
+      torch::manual_seed(10);
+      torchrev::RevSequential stage;
+      for (int i = 0; i < 3; ++i) {
+        stage->push_back(SeqBlock(
+            c.f_identity ? identity() : linear(),
+            c.g_identity ? identity() : linear()));
+      }
+      stage->to(torch::kFloat64);
+      auto reference = copy_of(stage);
+      auto input = torch::randn({2, 6}, torch::kFloat64);
+      auto loss = [&](const torch::Tensor& y) {
+        return expanded ? y.sum() : (y * y).sum();
+      };
+      auto x = input.clone().requires_grad_(true);
+      loss(stage(x)).backward();
+      auto ref_x = input.clone().requires_grad_(true);
+      loss(plain_forward(reference, ref_x)).backward();
+      EXPECT_CLOSE(x.grad(), ref_x.grad(), kTol);
+      auto params = stage->parameters();
+      auto ref_params = reference->parameters();
+      ASSERT_EQ(params.size(), ref_params.size());
+      for (size_t k = 0; k < params.size(); ++k) {
+        EXPECT_CLOSE(params[k].grad(), ref_params[k].grad(), kTol);
+      }
+    }
+  }
+}
+
 TEST(RevStageFunction, BackwardTwiceWithoutRetainGraphIsAnError) {
   auto stage = mlp_stage(2, 4);
   auto x = torch::randn({3, 8}, torch::requires_grad());

@@ -40,6 +40,15 @@
 //            node hands x = (x1, x2) to node i-1 and returns dx and block i's
 //            parameter gradients.
 //
+//            The backward's peak is this node's live set, so it is kept
+//            small: each half of x is computed after the backward through
+//            G (or F), not during it; into y's memory when y is the stage's
+//            own reconstruction (never the saved stage output, which
+//            callers can reach); dx is accumulated into dy when this node
+//            holds the only reference to it (LibTorch 2.x hands gradients
+//            over), else into the recompute's fresh gradient; and every
+//            tensor is released once it is used.
+//
 // Each block's parameters are inputs of its node, and their gradients are
 // computed with `torch::autograd::grad` (never accumulated into `.grad` as a
 // side effect) and returned from that node's backward. Autograd then
@@ -233,7 +242,10 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
 
   static torch::autograd::variable_list backward(
       torch::autograd::AutogradContext* ctx,
-      torch::autograd::variable_list grad_outputs) {
+      // By reference: LibTorch 2.x hands over the gradients in this vector
+      // and keeps no other reference to them, so the backward can take them
+      // and reuse or release their memory (1.x keeps a copy of its own).
+      torch::autograd::variable_list& grad_outputs) {
     TORCH_CHECK(
         !torch::GradMode::is_enabled(),
         "torchrev::RevSequential does not support double backward "
@@ -252,14 +264,41 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     // time" once a backward without retain_graph has freed it); its halves
     // are views, as it stays alive until this node is done anyway.
     Halves y, dy;
+    // Whether y is the stage's own reconstruction, which nothing else can
+    // reach: then the input is reconstructed into its memory.
+    const bool owns_y = !state->keeps_output(i);
+    // Whether this node holds the only reference to the memory of each
+    // gradient half: then dx is accumulated into it (see add_gradients).
+    bool owns_dy_first = false, owns_dy_second = false;
+    // The last block's gradient, whole, when this node owns it.
+    torch::Tensor dy_whole;
+    auto take_gradients = [&] {
+      if (i + 1 == state->blocks.size()) {
+        torch::Tensor g = std::move(grad_outputs[0]);
+        owns_dy_first = owns_dy_second = sole_reference(g);
+        dy = split_views(owns_dy_first ? g : g.detach(), dim);
+        if (owns_dy_first) {
+          dy_whole = std::move(g);
+        }
+        return;
+      }
+      torch::Tensor g1 = std::move(grad_outputs[0]);
+      torch::Tensor g2 = std::move(grad_outputs[1]);
+      owns_dy_first = sole_reference(g1);
+      owns_dy_second = sole_reference(g2);
+      dy = Halves{
+          owns_dy_first ? std::move(g1) : g1.detach(),
+          owns_dy_second ? std::move(g2) : g2.detach(),
+          dim};
+    };
     if (i + 1 == state->blocks.size()) {
       auto saved = ctx->get_saved_variables();
       y = split_views(saved[0].detach(), dim);
-      dy = split_views(grad_outputs[0].detach(), dim);
+      take_gradients();
     } else if (state->keeps_output(i)) {
       auto saved = ctx->get_saved_variables();
       y = Halves{saved[0].detach(), saved[1].detach(), dim};
-      dy = Halves{grad_outputs[0].detach(), grad_outputs[1].detach(), dim};
+      take_gradients();
     } else {
       y = std::move(state->reconstructed[i]);
       state->reconstructed[i] = Halves();
@@ -269,7 +308,7 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
           ": its output was not reconstructed before its backward; the "
           "blocks of a stage must be back-propagated from the stage output, "
           "last block first");
-      dy = Halves{grad_outputs[0].detach(), grad_outputs[1].detach(), dim};
+      take_gradients();
     }
     detail::check_training_flags(block, state->training[i], where);
     // The node's inputs for this block, as in forward and unchanged.
@@ -308,13 +347,15 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       }
       detail::check_no_outside_dependencies(
           g_out, y1_leaf, params, g_scope, where, "G");
-      x.second = y.second - g_out.detach();
-      y.second = torch::Tensor(); // each tensor is released once it is used
+      // G's backward first, then the reconstruction: x2 is not needed
+      // before F, and allocating it after G's backward keeps it out of that
+      // backward's peak.
       auto g_grads = differentiate(g_out, y1_leaf, params, dy.second);
-      g_out = torch::Tensor();
       y1_leaf = torch::Tensor();
-      dx.first = g_grads[0].defined() ? dy.first + g_grads[0] : dy.first;
-      dy.first = torch::Tensor();
+      x.second = reconstruct(std::move(y.second), g_out, owns_y);
+      g_out = torch::Tensor(); // each tensor is released once it is used
+      dx.first = add_gradients(
+          std::move(g_grads[0]), std::move(dy.first), owns_dy_first);
       accumulate(grads, first_param, g_grads);
       g_grads.clear();
 
@@ -333,11 +374,12 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       }
       detail::check_no_outside_dependencies(
           f_out, x2_leaf, params, f_scope, where, "F");
-      x.first = y.first - f_out.detach();
-      y.first = torch::Tensor();
       auto f_grads = differentiate(f_out, x2_leaf, params, dx.first);
+      x2_leaf = torch::Tensor();
+      x.first = reconstruct(std::move(y.first), f_out, owns_y);
       f_out = torch::Tensor();
-      dx.second = f_grads[0].defined() ? dy.second + f_grads[0] : dy.second;
+      dx.second = add_gradients(
+          std::move(f_grads[0]), std::move(dy.second), owns_dy_second);
       accumulate(grads, first_param, f_grads);
     }
 
@@ -345,7 +387,13 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       // The stage input: its gradient, joined; the input itself is the
       // caller's and is not needed.
       if (ctx->needs_input_grad(/*the first tensor input's edge=*/0)) {
-        grads[2] = torch::cat({dx.first, dx.second}, dim);
+        // Accumulated into the halves of the last block's own gradient,
+        // dx is already whole.
+        const bool whole = dy_whole.defined() &&
+            dx.first.data_ptr() == dy_whole.data_ptr() &&
+            dx.second.data_ptr() == dy_whole.chunk(2, dim)[1].data_ptr();
+        grads[2] = whole ? std::move(dy_whole)
+                         : torch::cat({dx.first, dx.second}, dim);
       }
       return grads;
     }
@@ -395,6 +443,52 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       return h;
     }
     return split_checked(block, torch::cat({h.first, h.second}, h.dim), where);
+  }
+
+  /// The block's input half `y - out`. Written into `y` when the stage owns
+  /// it (`owned`: a reconstruction, referenced by nothing else), which
+  /// saves an allocation; otherwise (the saved stage output or an anchor,
+  /// which callers can reach) a new tensor.
+  static torch::Tensor reconstruct(
+      torch::Tensor y,
+      const torch::Tensor& out,
+      bool owned) {
+    if (owned && y.is_same_size(out) && y.dtype() == out.dtype()) {
+      return y.sub_(out.detach());
+    }
+    return y - out.detach();
+  }
+
+  /// True when `t` is the only reference to its memory, which can then be
+  /// written to: the rule by which autograd's own input buffers decide to
+  /// accumulate gradients in place. A tensor with overlapping elements (an
+  /// expanded gradient, e.g. of a sum) never qualifies.
+  static bool sole_reference(const torch::Tensor& t) {
+    return t.defined() && t.use_count() == 1 && t.storage().use_count() == 1 &&
+        t.is_non_overlapping_and_dense() && !t.requires_grad();
+  }
+
+  /// `dy + d`, where `d` is the gradient a recompute produced (undefined when
+  /// the input did not affect the output). The sum goes into `dy` when the
+  /// node owns it (`owns_dy`; the halves of the last block's gradient are
+  /// views, which `sole_reference` would refuse), else into `d` when nothing
+  /// else refers to `d`'s memory, else into a new tensor. Addition is
+  /// commutative, so all three give the same values.
+  static torch::Tensor add_gradients(
+      torch::Tensor d,
+      torch::Tensor dy,
+      bool owns_dy) {
+    if (!d.defined()) {
+      return dy;
+    }
+    const bool same_kind = d.sizes() == dy.sizes() && d.dtype() == dy.dtype();
+    if (owns_dy && same_kind) {
+      return dy.add_(d);
+    }
+    if (same_kind && sole_reference(d)) {
+      return d.add_(dy);
+    }
+    return dy + d;
   }
 
   /// Gradients of `out` (weighted by `grad_out`) with respect to `input` and
