@@ -42,12 +42,9 @@
 //
 //            The backward's peak is this node's live set, so it is kept
 //            small: each half of x is computed after the backward through
-//            G (or F), not during it; into y's memory when y is the stage's
-//            own reconstruction (never the saved stage output, which
-//            callers can reach); dx is accumulated into dy when this node
-//            holds the only reference to it (LibTorch 2.x hands gradients
-//            over), else into the recompute's fresh gradient; and every
-//            tensor is released once it is used.
+//            G (or F), not during it; dx is accumulated into dy when this
+//            node holds the only reference to it (LibTorch 2.x hands
+//            gradients over); and every tensor is released once it is used.
 //
 // Each block's parameters are inputs of its node, and their gradients are
 // computed with `torch::autograd::grad` (never accumulated into `.grad` as a
@@ -264,9 +261,6 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     // time" once a backward without retain_graph has freed it); its halves
     // are views, as it stays alive until this node is done anyway.
     Halves y, dy;
-    // Whether y is the stage's own reconstruction, which nothing else can
-    // reach: then the input is reconstructed into its memory.
-    const bool owns_y = !state->keeps_output(i);
     // Whether this node holds the only reference to the memory of each
     // gradient half: then dx is accumulated into it (see add_gradients).
     bool owns_dy_first = false, owns_dy_second = false;
@@ -352,7 +346,8 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       // backward's peak.
       auto g_grads = differentiate(g_out, y1_leaf, params, dy.second);
       y1_leaf = torch::Tensor();
-      x.second = reconstruct(std::move(y.second), g_out, owns_y);
+      x.second = y.second - g_out.detach();
+      y.second = torch::Tensor();
       g_out = torch::Tensor(); // each tensor is released once it is used
       dx.first = add_gradients(
           std::move(g_grads[0]), std::move(dy.first), owns_dy_first);
@@ -376,7 +371,8 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
           f_out, x2_leaf, params, f_scope, where, "F");
       auto f_grads = differentiate(f_out, x2_leaf, params, dx.first);
       x2_leaf = torch::Tensor();
-      x.first = reconstruct(std::move(y.first), f_out, owns_y);
+      x.first = y.first - f_out.detach();
+      y.first = torch::Tensor();
       f_out = torch::Tensor();
       dx.second = add_gradients(
           std::move(f_grads[0]), std::move(dy.second), owns_dy_second);
@@ -445,20 +441,6 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     return split_checked(block, torch::cat({h.first, h.second}, h.dim), where);
   }
 
-  /// The block's input half `y - out`. Written into `y` when the stage owns
-  /// it (`owned`: a reconstruction, referenced by nothing else), which
-  /// saves an allocation; otherwise (the saved stage output or an anchor,
-  /// which callers can reach) a new tensor.
-  static torch::Tensor reconstruct(
-      torch::Tensor y,
-      const torch::Tensor& out,
-      bool owned) {
-    if (owned && y.is_same_size(out) && y.dtype() == out.dtype()) {
-      return y.sub_(out.detach());
-    }
-    return y - out.detach();
-  }
-
   /// True when `t` is the only reference to its memory, which can then be
   /// written to: the rule by which autograd's own input buffers decide to
   /// accumulate gradients in place. A tensor with overlapping elements (an
@@ -471,9 +453,9 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
   /// `dy + d`, where `d` is the gradient a recompute produced (undefined when
   /// the input did not affect the output). The sum goes into `dy` when the
   /// node owns it (`owns_dy`; the halves of the last block's gradient are
-  /// views, which `sole_reference` would refuse), else into `d` when nothing
-  /// else refers to `d`'s memory, else into a new tensor. Addition is
-  /// commutative, so all three give the same values.
+  /// views of a tensor `sole_reference` accepted), else into a new tensor.
+  /// (Summing into `d` instead, when nothing else refers to it, saves an
+  /// allocation but measured no lower peak, so it is not done.)
   static torch::Tensor add_gradients(
       torch::Tensor d,
       torch::Tensor dy,
@@ -481,12 +463,8 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     if (!d.defined()) {
       return dy;
     }
-    const bool same_kind = d.sizes() == dy.sizes() && d.dtype() == dy.dtype();
-    if (owns_dy && same_kind) {
+    if (owns_dy && d.sizes() == dy.sizes() && d.dtype() == dy.dtype()) {
       return dy.add_(d);
-    }
-    if (same_kind && sole_reference(d)) {
-      return d.add_(dy);
     }
     return dy + d;
   }
