@@ -42,7 +42,7 @@ namespace {
 using torchrev::models::StageMode;
 
 struct Config {
-  std::string model; // zoo name, or "revnet-sweep"
+  std::string model; // zoo name, "revnet-sweep" or "one-stage"
   std::string mode; // reversible, stored, checkpointed, hybrid
   std::vector<int64_t> units; // sweep only
   int64_t batch = 32;
@@ -79,6 +79,15 @@ StageMode stage_mode(const std::string& mode) {
 }
 
 std::shared_ptr<torchrev::models::ImageClassifier> build(const Config& c) {
+  if (c.model == "one-stage") {
+    // RevLib's benchmark shape: a stem convolution and one stage of basic
+    // blocks on 16 + 16 channels at 32x32 (then the head and classifier).
+    return std::make_shared<torchrev::models::RevNetImpl>(
+        torchrev::models::RevNetOptions()
+            .units(c.units)
+            .channels({32, 32})
+            .mode(stage_mode(c.mode)));
+  }
   if (c.model == "revnet-sweep") {
     return std::make_shared<torchrev::models::RevNetImpl>(
         torchrev::models::RevNetOptions()
@@ -289,6 +298,7 @@ int main(int argc, char** argv) {
   std::string modes = "reversible,stored,checkpointed,hybrid";
   std::string sweep_units;
   std::string sweep_modes = "reversible,stored";
+  int64_t stage_blocks = 0;
   int64_t batch = 32, steps = 3, repeats = 3;
   int threads = 0;
   std::string device_name = "cpu", json_path;
@@ -324,6 +334,11 @@ int main(int argc, char** argv) {
   app.add_option("--sweep-modes", sweep_modes, "modes of the depth sweep")
       ->capture_default_str();
   app.add_option(
+      "--stage-blocks",
+      stage_blocks,
+      "instead of the zoo: a stem convolution and one stage of this many "
+      "basic blocks (16 + 16 channels, 32x32), in the --sweep-modes");
+  app.add_option(
          "--budget-mib",
          budget_mib,
          "also find the largest batch whose step fits this activation budget (CPU)")
@@ -355,7 +370,16 @@ int main(int argc, char** argv) {
         "--steps must be >= 0, --repeats and --batch >= 1");
 
     std::vector<Config> configs;
-    if (!sweep_units.empty()) {
+    TORCH_CHECK(
+        stage_blocks == 0 || sweep_units.empty(),
+        "--stage-blocks and --sweep-units exclude each other");
+    if (stage_blocks != 0) {
+      TORCH_CHECK(
+          stage_blocks >= 1, "--stage-blocks must be >= 1, got ", stage_blocks);
+      for (const auto& mode : split_list(sweep_modes)) {
+        configs.push_back({"one-stage", mode, {stage_blocks}, batch});
+      }
+    } else if (!sweep_units.empty()) {
       for (const auto& u : split_list(sweep_units)) {
         const int64_t n = std::stoll(u);
         TORCH_CHECK(n >= 2, "--sweep-units: each entry must be >= 2, got ", n);
@@ -417,7 +441,9 @@ int main(int argc, char** argv) {
       const double peak = median(s.peaks);
       const double secs = median(s.seconds);
       std::string name = c.model;
-      if (!c.units.empty()) {
+      if (c.model == "one-stage") {
+        name = fmt::format("stage-{}", c.units[0]);
+      } else if (!c.units.empty()) {
         name = fmt::format("revnet-{}x3", c.units[0]);
       }
       fmt::print(

@@ -2,8 +2,8 @@
 """Turns memory_bench's JSON results into Markdown tables and gnuplot data.
 
 Usage: report.py RESULTS_DIR
-Reads cpu_zoo.json, cpu_depth_sweep.json, cpu_budget.json and cpu_drift.json
-(those present)
+Reads cpu_zoo.json, cpu_depth_sweep.json, cpu_batch128.json, cpu_budget.json
+and cpu_drift.json (those present)
 and writes results.md, zoo.tsv and depth_sweep.tsv beside them. Every number
 comes from the JSON; nothing is typed in by hand.
 """
@@ -91,6 +91,16 @@ def sweep_table(doc):
     return "\n".join(out), units, modes, index
 
 
+def runs_table(doc):
+    out = ["| model | mode | batch | peak activation MiB | step s |",
+           "|---|---|---:|---:|---:|"]
+    for r in doc["results"]:
+        out.append("| {} | {} | {} | {:.1f} | {:.3f} |".format(
+            r["model"], r["mode"], r["batch"], r["peak_activation_bytes"] / MIB,
+            r["step_seconds"]))
+    return "\n".join(out)
+
+
 def budget_table(doc):
     out = ["| model | mode | largest batch within {:.0f} MiB |".format(
         doc["results"][0]["budget_bytes"] / MIB), "|---|---|---:|"]
@@ -129,6 +139,11 @@ def main():
             for u in units:
                 f.write(str(u) + "\t" + "\t".join(
                     "{:.3f}".format(index[(u, m)]["peak_activation_bytes"] / MIB) for m in modes) + "\n")
+    large_path = os.path.join(d, "cpu_batch128.json")
+    if os.path.exists(large_path):
+        doc = load(large_path)
+        md += ["## Batch {}".format(doc["results"][0]["batch"]), "",
+               "Command: `{}`".format(doc["command"]), "", runs_table(doc), ""]
     budget_path = os.path.join(d, "cpu_budget.json")
     if os.path.exists(budget_path):
         doc = load(budget_path)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces benchmarks/results/: the model zoo at batch 32, the depth sweep,
-# the largest batch within a memory budget and the float32 gradient drift, on
+# RevNet-110 and ResNet-110 at batch 128, the largest batch within a memory
+# budget and the float32 gradient drift, on
 # this machine's CPU, then the Markdown tables and the plots. Takes about 5
 # minutes on 2 cores.
 set -euo pipefail
@@ -20,6 +21,9 @@ threads=${THREADS:-2}
 "$bench" --sweep-units 3,9,18,36,72 --sweep-modes reversible,stored,checkpointed \
   --batch 32 --steps 1 --repeats 3 --threads "$threads" \
   --json "$out/cpu_depth_sweep.json" | tee "$out/cpu_depth_sweep.txt"
+"$bench" --models resnet110,revnet110 --modes reversible,hybrid --batch 128 \
+  --steps 1 --repeats 3 --threads "$threads" \
+  --json "$out/cpu_batch128.json" | tee "$out/cpu_batch128.txt"
 "$bench" --models resnet110,revnet110 --modes reversible,hybrid --steps 1 \
   --repeats 1 --budget-mib 256 --threads "$threads" \
   --json "$out/cpu_budget.json" | tee "$out/cpu_budget.txt"
