@@ -241,16 +241,20 @@ TEST(RevStageFunction, GradientsTheCallerKeepsAreNeverWrittenTo) {
     stage->to(torch::kFloat64);
     auto input = torch::randn({3, 8}, torch::kFloat64);
 
-    // Kept by a hook on the stage output, and by `retain_grad`.
+    // Kept by a hook on the stage output.
     auto x = input.clone().requires_grad_(true);
     auto y = stage(x);
     torch::Tensor hooked;
     y.register_hook([&](const torch::Tensor& g) { hooked = g; });
-    y.retain_grad();
     y.pow(2).sum().backward();
-    auto expected = 2 * y.detach();
-    EXPECT_CLOSE(hooked, expected, kTol);
-    EXPECT_CLOSE(y.grad(), expected, kTol);
+    EXPECT_CLOSE(hooked, 2 * y.detach(), kTol);
+
+    // Kept by `retain_grad`.
+    auto x1 = input.clone().requires_grad_(true);
+    auto y1 = stage(x1);
+    y1.retain_grad();
+    y1.pow(2).sum().backward();
+    EXPECT_CLOSE(y1.grad(), 2 * y1.detach(), kTol);
 
     // Given by the caller.
     auto x2 = input.clone().requires_grad_(true);
@@ -277,30 +281,100 @@ TEST(RevStageFunction, IdentityHalvesMatchPlainAutograd) {
        {Case{"F identity", true, false},
         Case{"G identity", false, true},
         Case{"both identity", true, true}}) {
-    for (bool expanded : {false, true}) { // y.sum(): an expanded gradient
-      SCOPED_TRACE(std::string(c.name) + (expanded ? ", sum" : ", squares"));
-      torch::manual_seed(10);
+    for (int depth : {1, 3}) {
+      for (bool expanded : {false, true}) { // y.sum(): an expanded gradient
+        SCOPED_TRACE(
+            std::string(c.name) + (expanded ? ", sum" : ", squares") +
+            ", depth " + std::to_string(depth));
+        torch::manual_seed(10);
+        torchrev::RevSequential stage;
+        for (int i = 0; i < depth; ++i) {
+          stage->push_back(SeqBlock(
+              c.f_identity ? identity() : linear(),
+              c.g_identity ? identity() : linear()));
+        }
+        stage->to(torch::kFloat64);
+        auto reference = copy_of(stage);
+        auto input = torch::randn({2, 6}, torch::kFloat64);
+        auto loss = [&](const torch::Tensor& y) {
+          return expanded ? y.sum() : (y * y).sum();
+        };
+        auto x = input.clone().requires_grad_(true);
+        loss(stage(x)).backward();
+        auto ref_x = input.clone().requires_grad_(true);
+        loss(plain_forward(reference, ref_x)).backward();
+        EXPECT_CLOSE(x.grad(), ref_x.grad(), kTol);
+        auto params = stage->parameters();
+        auto ref_params = reference->parameters();
+        ASSERT_EQ(params.size(), ref_params.size());
+        for (size_t k = 0; k < params.size(); ++k) {
+          EXPECT_CLOSE(params[k].grad(), ref_params[k].grad(), kTol);
+        }
+      }
+    }
+  }
+}
+
+namespace {
+
+/// x + p, with a parameter of x's whole shape: autograd passes the output's
+/// gradient through unchanged as both x's and p's gradient.
+struct AddParameterImpl : torch::nn::Cloneable<AddParameterImpl> {
+  explicit AddParameterImpl(std::vector<int64_t> shape)
+      : shape(std::move(shape)) {
+    reset();
+  }
+  void reset() override {
+    p = register_parameter("p", torch::randn(shape));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    return x + p;
+  }
+  std::vector<int64_t> shape;
+  torch::Tensor p;
+};
+TORCH_MODULE(AddParameter);
+
+} // namespace
+
+// A parameter gradient that is the very tensor the node was handed as dy must
+// not change when dx is summed into dy, nor share memory with the input's
+// gradient: two backward passes accumulate into both `.grad`s.
+TEST(
+    RevStageFunction,
+    ParameterGradientsThatAreTheOutputGradientMatchPlainAutograd) {
+  auto linear = [] {
+    return torch::nn::Sequential(torch::nn::Linear(3, 3), torch::nn::Tanh());
+  };
+  auto add = [] {
+    return torch::nn::Sequential(AddParameter(std::vector<int64_t>{1, 3}));
+  };
+  for (bool g_adds : {true, false}) {
+    for (int depth : {1, 2, 3}) {
+      SCOPED_TRACE(
+          std::string(g_adds ? "G" : "F") + " adds a parameter, depth " +
+          std::to_string(depth));
+      torch::manual_seed(11);
       torchrev::RevSequential stage;
-      for (int i = 0; i < 3; ++i) {
-        stage->push_back(SeqBlock(
-            c.f_identity ? identity() : linear(),
-            c.g_identity ? identity() : linear()));
+      for (int i = 0; i < depth; ++i) {
+        stage->push_back(
+            SeqBlock(g_adds ? linear() : add(), g_adds ? add() : linear()));
       }
       stage->to(torch::kFloat64);
       auto reference = copy_of(stage);
-      auto input = torch::randn({2, 6}, torch::kFloat64);
-      auto loss = [&](const torch::Tensor& y) {
-        return expanded ? y.sum() : (y * y).sum();
-      };
+      auto input = torch::randn({1, 6}, torch::kFloat64);
       auto x = input.clone().requires_grad_(true);
-      loss(stage(x)).backward();
       auto ref_x = input.clone().requires_grad_(true);
-      loss(plain_forward(reference, ref_x)).backward();
+      for (int pass = 0; pass < 2; ++pass) {
+        stage(x).pow(2).sum().backward();
+        plain_forward(reference, ref_x).pow(2).sum().backward();
+      }
       EXPECT_CLOSE(x.grad(), ref_x.grad(), kTol);
       auto params = stage->parameters();
       auto ref_params = reference->parameters();
       ASSERT_EQ(params.size(), ref_params.size());
       for (size_t k = 0; k < params.size(); ++k) {
+        SCOPED_TRACE("parameter " + std::to_string(k));
         EXPECT_CLOSE(params[k].grad(), ref_params[k].grad(), kTol);
       }
     }

@@ -44,7 +44,8 @@
 //            small: each half of x is computed after the backward through
 //            G (or F), not during it; dx is accumulated into dy when this
 //            node holds the only reference to it (LibTorch 2.x hands
-//            gradients over); and every tensor is released once it is used.
+//            gradients over) and no gradient the recompute returned shares
+//            its memory; and every tensor is released once it is used.
 //
 // Each block's parameters are inputs of its node, and their gradients are
 // computed with `torch::autograd::grad` (never accumulated into `.grad` as a
@@ -349,8 +350,12 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       x.second = y.second - g_out.detach();
       y.second = torch::Tensor();
       g_out = torch::Tensor(); // each tensor is released once it is used
-      dx.first = add_gradients(
-          std::move(g_grads[0]), std::move(dy.first), owns_dy_first);
+      // A gradient autograd returned may be dy itself (G adding a parameter
+      // of the half's shape passes dy2 through as the parameter's gradient):
+      // a half is written only if none of them shares its memory.
+      const bool write_dy1 = owns_dy_first && !shares_memory(dy.first, g_grads);
+      dx.first =
+          add_gradients(std::move(g_grads[0]), std::move(dy.first), write_dy1);
       accumulate(grads, first_param, g_grads);
       g_grads.clear();
 
@@ -374,8 +379,11 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       x.first = y.first - f_out.detach();
       y.first = torch::Tensor();
       f_out = torch::Tensor();
-      dx.second = add_gradients(
-          std::move(f_grads[0]), std::move(dy.second), owns_dy_second);
+      const bool write_dy2 = owns_dy_second &&
+          !shares_memory(dy.second, f_grads) &&
+          !shares_memory(dy.second, grads, first_param);
+      dx.second =
+          add_gradients(std::move(f_grads[0]), std::move(dy.second), write_dy2);
       accumulate(grads, first_param, f_grads);
     }
 
@@ -385,9 +393,12 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       if (ctx->needs_input_grad(/*the first tensor input's edge=*/0)) {
         // Accumulated into the halves of the last block's own gradient,
         // dx is already whole.
+        // (Unless a parameter's gradient is part of it: the input's and the
+        // parameter's `.grad` must not share memory.)
         const bool whole = dy_whole.defined() &&
             dx.first.data_ptr() == dy_whole.data_ptr() &&
-            dx.second.data_ptr() == dy_whole.chunk(2, dim)[1].data_ptr();
+            dx.second.data_ptr() == dy_whole.chunk(2, dim)[1].data_ptr() &&
+            !shares_memory(dy_whole, grads, first_param);
         grads[2] = whole ? std::move(dy_whole)
                          : torch::cat({dx.first, dx.second}, dim);
       }
@@ -446,24 +457,41 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
   /// accumulate gradients in place. A tensor with overlapping elements (an
   /// expanded gradient, e.g. of a sum) never qualifies.
   static bool sole_reference(const torch::Tensor& t) {
-    return t.defined() && t.use_count() == 1 && t.storage().use_count() == 1 &&
-        t.is_non_overlapping_and_dense() && !t.requires_grad();
+    return t.defined() && t.has_storage() && t.layout() == torch::kStrided &&
+        !t.is_nested() && !t._is_zerotensor() && t.use_count() == 1 &&
+        t.storage().use_count() == 1 && t.is_non_overlapping_and_dense() &&
+        !t.requires_grad();
+  }
+
+  /// True when a defined tensor of `list`, from index `from` on, shares
+  /// memory with `t` (the same storage).
+  static bool shares_memory(
+      const torch::Tensor& t,
+      const torch::autograd::variable_list& list,
+      size_t from = 0) {
+    for (size_t k = from; k < list.size(); ++k) {
+      if (list[k].defined() && list[k].has_storage() &&
+          list[k].is_alias_of(t)) {
+        return true;
+      }
+    }
+    return false;
   }
 
   /// `dy + d`, where `d` is the gradient a recompute produced (undefined when
-  /// the input did not affect the output). The sum goes into `dy` when the
-  /// node owns it (`owns_dy`; the halves of the last block's gradient are
-  /// views of a tensor `sole_reference` accepted), else into a new tensor.
+  /// the input did not affect the output). The sum goes into `dy` when it may
+  /// be written (`write_dy`: the node owns it, as `sole_reference` found,
+  /// and no gradient shares its memory), else into a new tensor.
   /// (Summing into `d` instead, when nothing else refers to it, saves an
   /// allocation but measured no lower peak, so it is not done.)
   static torch::Tensor add_gradients(
       torch::Tensor d,
       torch::Tensor dy,
-      bool owns_dy) {
+      bool write_dy) {
     if (!d.defined()) {
       return dy;
     }
-    if (owns_dy && d.sizes() == dy.sizes() && d.dtype() == dy.dtype()) {
+    if (write_dy && d.sizes() == dy.sizes() && d.dtype() == dy.dtype()) {
       return dy.add_(d);
     }
     return dy + d;
