@@ -1,7 +1,11 @@
 #pragma once
 
+#include <torchrev/affine_block.h>
 #include <torchrev/autograd/rev_block_function.h>
+#include <torchrev/coupling_block.h>
 #include <torchrev/detail/concurrent_use.h>
+#include <torchrev/invertible_layers.h>
+#include <torchrev/invertible_module.h>
 #include <torchrev/rev_block.h>
 
 #include <torch/arg.h>
@@ -58,6 +62,14 @@ struct RevSequentialOptions {
 /// about 4/3 of the compute. Under `torch::NoGradGuard`, or when nothing
 /// requires grad, it is a plain forward that saves nothing.
 ///
+/// A stage holds any `InvertibleModule`: additive (`RevBlock`) and affine
+/// (`AffineBlock`) coupling blocks, the invertible layers `SpaceToDepth` and
+/// `ChannelZeroPad`, and modules of your own with `forward` and `inverse`
+/// (see `InvertibleModule` for the contract). The guarantees above hold for
+/// all of them; a member that is not a coupling block costs one `inverse`
+/// and one `forward` more in backward. `inverse()` of a stage inverts every
+/// member, last first.
+///
 /// ```
 /// torchrev::RevSequential stage;
 /// for (int i = 0; i < 16; ++i) {
@@ -78,8 +90,9 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
   explicit RevSequentialImpl(RevSequentialOptions options_)
       : options(std::move(options_)) {}
 
-  /// Constructs the stage from blocks: module holders (such as
-  /// `RevBlock<F, G>`) or `std::shared_ptr`s of `RevBlockBase` subclasses.
+  /// Constructs the stage from members: module holders (such as
+  /// `RevBlock<F, G>` or `SpaceToDepth`) or `std::shared_ptr`s of
+  /// `InvertibleModule` subclasses.
   template <
       typename First,
       typename... Rest,
@@ -98,26 +111,30 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
     (push_back(std::forward<Blocks>(blocks)), ...);
   }
 
-  /// Appends a block held by a module holder, e.g. a `RevBlock<F, G>` or a
-  /// holder declared with `TORCH_MODULE` around a `RevBlockBase` subclass.
+  /// Appends a member held by a module holder, e.g. a `RevBlock<F, G>`, an
+  /// `AffineBlock<F, G>`, a `SpaceToDepth`, or a holder declared with
+  /// `TORCH_MODULE` around an `InvertibleModule` subclass.
   template <typename M>
   void push_back(const torch::nn::ModuleHolder<M>& block) {
     push_back(block.ptr());
   }
 
-  /// Appends a block given as a shared pointer to a `RevBlockBase` subclass.
+  /// Appends a member given as a shared pointer to an `InvertibleModule`
+  /// subclass.
   template <typename T>
   void push_back(std::shared_ptr<T> block) {
     static_assert(
-        std::is_base_of<RevBlockBase, T>::value,
-        "torchrev::RevSequential holds reversible blocks only: the block "
-        "type must derive from torchrev::RevBlockBase");
+        std::is_base_of<InvertibleModule, T>::value,
+        "torchrev::RevSequential holds invertible modules only: the type "
+        "must derive from torchrev::InvertibleModule (for example "
+        "torchrev::RevBlockBase)");
     TORCH_CHECK(
         block != nullptr,
         "torchrev::RevSequential::push_back: expected a block, got a null "
         "pointer");
     register_module(std::to_string(blocks_.size()), block);
-    blocks_.push_back(std::static_pointer_cast<RevBlockBase>(std::move(block)));
+    blocks_.push_back(
+        std::static_pointer_cast<InvertibleModule>(std::move(block)));
   }
 
   /// Runs the stage; see the class comment for when activations are stored.
@@ -160,7 +177,10 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
     if (!train) {
       torch::Tensor y = x;
       for (size_t i = 0; i < blocks_.size(); ++i) {
-        y = blocks_[i]->forward_checked(y, block_name(i));
+        auto* coupling = dynamic_cast<CouplingBlockBase*>(blocks_[i].get());
+        y = coupling != nullptr
+            ? coupling->forward_checked(y, block_name(i))
+            : detail::checked_forward(*blocks_[i], y, block_name(i));
       }
       return y;
     }
@@ -199,7 +219,13 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
         "torchrev::RevSequential: cannot invert an empty stage");
     torch::Tensor x = y;
     for (size_t i = blocks_.size(); i-- > 0;) {
-      x = blocks_[i]->inverse_checked(x, block_name(i));
+      auto* coupling = dynamic_cast<CouplingBlockBase*>(blocks_[i].get());
+      if (coupling != nullptr) {
+        x = coupling->inverse_checked(x, block_name(i));
+      } else {
+        detail::RecomputeGuard recompute(*blocks_[i]);
+        x = blocks_[i]->inverse(x);
+      }
     }
     return x;
   }
@@ -214,8 +240,8 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
     return blocks_.empty();
   }
 
-  /// The block at `index`, as the base class.
-  std::shared_ptr<RevBlockBase> ptr(size_t index) const {
+  /// The member at `index`, as the base class.
+  std::shared_ptr<InvertibleModule> ptr(size_t index) const {
     check_index(index);
     return blocks_[index];
   }
@@ -224,21 +250,21 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
   template <typename T>
   std::shared_ptr<T> ptr(size_t index) const {
     static_assert(
-        std::is_base_of<RevBlockBase, T>::value,
-        "T must derive from torchrev::RevBlockBase");
+        std::is_base_of<InvertibleModule, T>::value,
+        "T must derive from torchrev::InvertibleModule");
     return std::dynamic_pointer_cast<T>(ptr(index));
   }
 
-  /// The block at `index`.
-  RevBlockBase& operator[](size_t index) const {
+  /// The member at `index`.
+  InvertibleModule& operator[](size_t index) const {
     return *ptr(index);
   }
 
   /// Iterators over the blocks.
-  std::vector<std::shared_ptr<RevBlockBase>>::const_iterator begin() const {
+  std::vector<std::shared_ptr<InvertibleModule>>::const_iterator begin() const {
     return blocks_.begin();
   }
-  std::vector<std::shared_ptr<RevBlockBase>>::const_iterator end() const {
+  std::vector<std::shared_ptr<InvertibleModule>>::const_iterator end() const {
     return blocks_.end();
   }
 
@@ -249,12 +275,12 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
     auto copy = std::make_shared<RevSequentialImpl>(options);
     for (const auto& block : blocks_) {
       auto cloned =
-          std::dynamic_pointer_cast<RevBlockBase>(block->clone(device));
+          std::dynamic_pointer_cast<InvertibleModule>(block->clone(device));
       TORCH_CHECK(
           cloned != nullptr,
           "torchrev::RevSequential::clone: clone() of ",
           block->name(),
-          " did not return a RevBlockBase");
+          " did not return an InvertibleModule");
       copy->push_back(std::move(cloned));
     }
     return copy;
@@ -301,7 +327,7 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
         blocks_[index]->name() + ")";
   }
 
-  std::vector<std::shared_ptr<RevBlockBase>> blocks_;
+  std::vector<std::shared_ptr<InvertibleModule>> blocks_;
 };
 
 /// Holder of a `RevSequentialImpl`; see there.

@@ -64,14 +64,15 @@
 // the forward's autocast state; and it does not update BatchNorm running
 // statistics a second time (see `detail::RecomputeGuard`).
 
+#include <torchrev/coupling_block.h>
 #include <torchrev/detail/autocast_state.h>
 #include <torchrev/detail/concurrent_use.h>
 #include <torchrev/detail/gradient_sink.h>
 #include <torchrev/detail/outside_dependencies.h>
 #include <torchrev/detail/replay_checks.h>
 #include <torchrev/detail/rng_state.h>
+#include <torchrev/invertible_module.h>
 #include <torchrev/recompute.h>
-#include <torchrev/rev_block.h>
 
 #include <ATen/core/ivalue.h>
 #include <torch/autograd.h>
@@ -97,9 +98,13 @@ struct Halves {
 
 /// What the nodes of one stage share, from its forward to its backward.
 struct RevStageState : torch::CustomClassHolder {
-  /// The blocks, in forward order. Holding them keeps them alive until
-  /// backward, as the Python ctx of a Function would.
-  std::vector<std::shared_ptr<RevBlockBase>> blocks;
+  /// The members (blocks and other invertible modules), in forward order.
+  /// Holding them keeps them alive until backward, as the Python ctx of a
+  /// Function would.
+  std::vector<std::shared_ptr<InvertibleModule>> blocks;
+  /// couplings[i]: blocks[i] as a coupling block, or nullptr for a member
+  /// that is only invertible (filled by `resize`).
+  std::vector<CouplingBlockBase*> couplings;
   /// How errors name each block, e.g. "torchrev::RevSequential block 3 (...)".
   std::vector<std::string> names;
   /// Whether to snapshot and replay the random generators.
@@ -118,6 +123,9 @@ struct RevStageState : torch::CustomClassHolder {
 
   /// The dimension each block split its input along (resolved).
   std::vector<int64_t> split_dims;
+  /// The input shape of each member that is not a coupling block, which its
+  /// `inverse` must give back.
+  std::vector<std::vector<int64_t>> input_sizes;
   /// Generator states just before each block's F and G ran in forward.
   std::vector<detail::RngState> rng_before_f;
   std::vector<detail::RngState> rng_before_g;
@@ -136,13 +144,25 @@ struct RevStageState : torch::CustomClassHolder {
   // Filled by the backward.
 
   /// reconstructed[i]: block i's output, rebuilt by block i+1's node and
-  /// taken (released) by block i's. At most one is alive at a time.
+  /// taken (released) by block i's. At most one is alive at a time. Halves
+  /// for a coupling block; for another member, its whole output in `first`.
   std::vector<Halves> reconstructed;
+
+  /// How many tensors block i's node takes: two halves after a coupling
+  /// block, else one.
+  size_t num_inputs(size_t i) const {
+    return i > 0 && couplings[i - 1] != nullptr ? 2 : 1;
+  }
 
   /// Sizes the per-block vectors for `blocks`.
   void resize() {
     const size_t n = blocks.size();
+    couplings.assign(n, nullptr);
+    for (size_t i = 0; i < n; ++i) {
+      couplings[i] = dynamic_cast<CouplingBlockBase*>(blocks[i].get());
+    }
     split_dims.assign(n, 1);
+    input_sizes.assign(n, {});
     rng_before_f.assign(n, detail::RngState());
     rng_before_g.assign(n, detail::RngState());
     training.assign(n, {});
@@ -158,10 +178,11 @@ struct RevStageState : torch::CustomClassHolder {
 ///     outputs = RevBlockFunction::apply(state, i, torch::TensorList(inputs),
 ///                                       torch::TensorList(params));
 ///
-/// `inputs` is the stage input {x} for block 0 and the previous block's
-/// outputs (two halves) after it; `params` are block i's parameters that
-/// require grad. It returns the block's output halves, or {stage output} for
-/// the last block.
+/// `inputs` is the stage input {x} for block 0, and after it the previous
+/// member's outputs: two halves from a coupling block, one tensor from any
+/// other member; `params` are block i's parameters that require grad. A
+/// coupling block returns its output halves, or {stage output} if it is the
+/// last; any other member returns {its output}.
 struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx,
@@ -179,16 +200,17 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
         " is out of range for a stage of ",
         state->blocks.size(),
         " blocks (are names set, and was RevStageState::resize() called?)");
+    const size_t num_inputs = state->num_inputs(i);
     TORCH_CHECK(
-        inputs.size() == (i == 0 ? 1u : 2u),
+        inputs.size() == num_inputs,
         "torchrev: RevBlockFunction: block ",
         index,
         " expected ",
-        i == 0 ? "the stage input" : "two halves",
+        num_inputs == 1 ? "one tensor" : "two halves",
         " but got ",
         inputs.size(),
         " tensors");
-    RevBlockBase& block = *state->blocks[i];
+    InvertibleModule& member = *state->blocks[i];
     const std::string& where = state->names[i];
     if (i == 0) {
       state->autocast = detail::AutocastState::current();
@@ -197,31 +219,60 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     // Grad mode is off here (Function::apply turns it off), so the block
     // keeps nothing; nor may autocast cache grad-less casts of its weights.
     detail::AutocastCacheDisabledGuard no_autocast_cache;
-    Halves h = i == 0
-        ? split_checked(block, inputs[0], where)
+    state->training[i] = detail::training_flags(member);
+    state->params[i] = params.vec();
+    state->param_versions[i] = detail::versions(params);
+    const detail::RngState& rng_before =
+        i == 0 ? detail::RngState() : state->rng_before_g[i - 1];
+    ctx->saved_data["state"] = c10::IValue::make_capsule(state);
+    ctx->saved_data["index"] = index;
+
+    CouplingBlockBase* block = state->couplings[i];
+    if (block == nullptr) {
+      // A member that is only invertible: y = forward(x), as one tensor.
+      torch::Tensor x = num_inputs == 1
+          ? inputs[0]
+          : torch::cat({inputs[0], inputs[1]}, state->split_dims[i - 1]);
+      state->input_sizes[i] = x.sizes().vec();
+      state->split_dims[i] = i == 0 ? 1 : state->split_dims[i - 1];
+      if (state->preserve_rng_state) {
+        state->rng_before_f[i] =
+            detail::RngState::capture(x.device(), rng_before);
+        state->rng_before_g[i] = state->rng_before_f[i];
+      }
+      torch::Tensor y = detail::checked_forward(member, x, where);
+      if (y.is_alias_of(x)) {
+        // An output that is (a view of) an input would share its memory with
+        // the caller's tensor: the output gets its own.
+        y = y.clone();
+      }
+      if (state->keeps_output(i)) {
+        ctx->save_for_backward({y});
+      }
+      return {std::move(y)};
+    }
+
+    Halves h = num_inputs == 1
+        ? split_checked(*block, inputs[0], where)
         : resplit(
-              block,
+              *block,
               Halves{inputs[0], inputs[1], state->split_dims[i - 1]},
               where);
     state->split_dims[i] = h.dim;
-    state->training[i] = detail::training_flags(block);
-    state->params[i] = params.vec();
-    state->param_versions[i] = detail::versions(params);
     const auto device = h.first.device();
     if (state->preserve_rng_state) {
-      state->rng_before_f[i] = detail::RngState::capture(
-          device, i == 0 ? detail::RngState() : state->rng_before_g[i - 1]);
+      state->rng_before_f[i] = detail::RngState::capture(device, rng_before);
     }
-    auto y1 = h.first + block.checked_f(h.second, where);
+    auto y1 = block->checked_couple(
+        h.first, block->checked_f(h.second, where), where);
     if (state->preserve_rng_state) {
       state->rng_before_g[i] =
           detail::RngState::capture(device, state->rng_before_f[i]);
     }
-    auto y2 = h.second + block.checked_g(y1, where);
+    auto y2 =
+        block->checked_couple(h.second, block->checked_g(y1, where), where);
     h = Halves();
 
-    ctx->saved_data["state"] = c10::IValue::make_capsule(state);
-    ctx->saved_data["index"] = index;
     if (i + 1 < state->blocks.size()) {
       if (state->keeps_output(i)) {
         // An anchor: the backward restarts the reconstruction from here.
@@ -253,7 +304,10 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     auto state = c10::static_intrusive_pointer_cast<RevStageState>(
         ctx->saved_data["state"].toCapsule());
     const auto i = static_cast<size_t>(ctx->saved_data["index"].toInt());
-    RevBlockBase& block = *state->blocks[i];
+    if (state->couplings[i] == nullptr) {
+      return backward_invertible(ctx, *state, i, grad_outputs);
+    }
+    CouplingBlockBase& block = *state->couplings[i];
     const std::string& where = state->names[i];
     const int64_t dim = state->split_dims[i];
 
@@ -312,7 +366,7 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
         block, params, state->param_versions[i], where);
 
     // Output slots: state, index (not tensors), the inputs, the parameters.
-    const size_t num_inputs = i == 0 ? 1 : 2;
+    const size_t num_inputs = state->num_inputs(i);
     const size_t first_param = 2 + num_inputs;
     torch::autograd::variable_list grads(first_param + params.size());
 
@@ -342,12 +396,28 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       }
       detail::check_no_outside_dependencies(
           g_out, y1_leaf, params, g_scope, where, "G");
-      // G's backward first, then the reconstruction: x2 is not needed
-      // before F, and allocating it after G's backward keeps it out of that
-      // backward's peak.
-      auto g_grads = differentiate(g_out, y1_leaf, params, dy.second);
+      // dx2's share from the coupling: dy2 itself when additive.
+      torch::Tensor dx2_coupling;
+      torch::autograd::variable_list g_grads;
+      if (block.is_additive()) {
+        // G's backward first, then the reconstruction: x2 is not needed
+        // before F, and allocating it after G's backward keeps it out of
+        // that backward's peak.
+        g_grads = differentiate(g_out, {y1_leaf}, params, dy.second);
+        x.second = y.second - g_out.detach();
+      } else {
+        // Any other coupling: reconstruct x2 with uncouple, then
+        // differentiate y2 = couple(x2, G(y1)) with respect to y1, x2 and
+        // G's parameters.
+        x.second = uncouple_detached(block, y.second, g_out, where);
+        auto x2_leaf = x.second.detach().requires_grad_(true);
+        auto y2 = couple_recorded(block, x2_leaf, g_out, *state, where);
+        g_grads = differentiate(y2, {y1_leaf, x2_leaf}, params, dy.second);
+        dx2_coupling = std::move(g_grads[1]);
+        g_grads.erase(g_grads.begin() + 1);
+        dy.second = torch::Tensor();
+      }
       y1_leaf = torch::Tensor();
-      x.second = y.second - g_out.detach();
       y.second = torch::Tensor();
       g_out = torch::Tensor(); // each tensor is released once it is used
       // A gradient autograd returned may be dy itself (G adding a parameter
@@ -374,22 +444,44 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       }
       detail::check_no_outside_dependencies(
           f_out, x2_leaf, params, f_scope, where, "F");
-      auto f_grads = differentiate(f_out, x2_leaf, params, dx.first);
-      x2_leaf = torch::Tensor();
-      x.first = y.first - f_out.detach();
-      y.first = torch::Tensor();
-      f_out = torch::Tensor();
-      const bool write_dy2 = owns_dy_second &&
-          !shares_memory(dy.second, f_grads) &&
-          !shares_memory(dy.second, grads, first_param);
-      dx.second =
-          add_gradients(std::move(f_grads[0]), std::move(dy.second), write_dy2);
-      accumulate(grads, first_param, f_grads);
+      if (block.is_additive()) {
+        auto f_grads = differentiate(f_out, {x2_leaf}, params, dx.first);
+        x2_leaf = torch::Tensor();
+        x.first = y.first - f_out.detach();
+        y.first = torch::Tensor();
+        f_out = torch::Tensor();
+        const bool write_dy2 = owns_dy_second &&
+            !shares_memory(dy.second, f_grads) &&
+            !shares_memory(dy.second, grads, first_param);
+        dx.second = add_gradients(
+            std::move(f_grads[0]), std::move(dy.second), write_dy2);
+        accumulate(grads, first_param, f_grads);
+      } else {
+        x.first = uncouple_detached(block, y.first, f_out, where);
+        y.first = torch::Tensor();
+        auto x1_leaf = x.first.detach().requires_grad_(true);
+        auto y1 = couple_recorded(block, x1_leaf, f_out, *state, where);
+        f_out = torch::Tensor();
+        auto f_grads = differentiate(y1, {x2_leaf, x1_leaf}, params, dx.first);
+        y1 = torch::Tensor();
+        x2_leaf = torch::Tensor();
+        dx.first = std::move(f_grads[1]);
+        f_grads.erase(f_grads.begin() + 1);
+        dx.second = add_gradients(
+            std::move(f_grads[0]), std::move(dx2_coupling), /*write_dy=*/false);
+        accumulate(grads, first_param, f_grads);
+      }
     }
 
-    if (i == 0) {
-      // The stage input: its gradient, joined; the input itself is the
-      // caller's and is not needed.
+    if (num_inputs == 1) {
+      // The stage input, or the output of a member that is not a coupling
+      // block: the gradient is joined. The stage input itself is the
+      // caller's and is not needed; another member gets x whole.
+      if (i > 0 && ctx->needs_input_grad(0) && !state->keeps_output(i - 1)) {
+        state->reconstructed[i - 1] =
+            Halves{torch::cat({x.first, x.second}, dim), torch::Tensor(), dim};
+      }
+      x = Halves();
       if (ctx->needs_input_grad(/*the first tensor input's edge=*/0)) {
         // Accumulated into the halves of the last block's own gradient,
         // dx is already whole.
@@ -424,6 +516,117 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
   }
 
  private:
+  /// x = uncouple(y, h) for a coupling block, outside any graph.
+  static torch::Tensor uncouple_detached(
+      CouplingBlockBase& block,
+      const torch::Tensor& y,
+      const torch::Tensor& h,
+      const std::string& where) {
+    torch::NoGradGuard no_grad;
+    return block.checked_uncouple(y, h.detach(), where);
+  }
+
+  /// couple(x, h), recorded by autograd, under the forward's autocast state.
+  static torch::Tensor couple_recorded(
+      CouplingBlockBase& block,
+      const torch::Tensor& x,
+      const torch::Tensor& h,
+      const RevStageState& state,
+      const std::string& where) {
+    detail::AutocastStateGuard autocast(state.autocast);
+    return block.checked_couple(x, h, where);
+  }
+
+  /// The backward of a member that is only invertible (not a coupling
+  /// block): x = inverse(y) without a graph, then y = forward(x) again with
+  /// one, which gives dx and the member's parameter gradients. Both run with
+  /// the forward's random generator and autocast states, and with
+  /// normalisation statistics frozen.
+  static torch::autograd::variable_list backward_invertible(
+      torch::autograd::AutogradContext* ctx,
+      RevStageState& state,
+      size_t i,
+      torch::autograd::variable_list& grad_outputs) {
+    InvertibleModule& member = *state.blocks[i];
+    const std::string& where = state.names[i];
+    torch::Tensor y;
+    if (state.keeps_output(i)) {
+      // Throws "Trying to backward through the graph a second time" once a
+      // backward without retain_graph has freed it.
+      y = ctx->get_saved_variables()[0].detach();
+    } else {
+      y = std::move(state.reconstructed[i].first);
+      state.reconstructed[i] = Halves();
+      TORCH_CHECK(
+          y.defined(),
+          where,
+          ": its output was not reconstructed before its backward; the "
+          "members of a stage must be back-propagated from the stage output, "
+          "last first");
+    }
+    torch::Tensor dy = std::move(grad_outputs[0]);
+    detail::check_training_flags(member, state.training[i], where);
+    const auto& params = state.params[i];
+    detail::check_parameters_unchanged(
+        member, params, state.param_versions[i], where);
+
+    const size_t num_inputs = state.num_inputs(i);
+    const size_t first_param = 2 + num_inputs;
+    torch::autograd::variable_list grads(first_param + params.size());
+    torch::Tensor x, dx;
+    {
+      detail::BlockUse exclusive(
+          &member, detail::BlockUse::Kind::kRecompute, where);
+      detail::RecomputeGuard recompute(member);
+      const detail::RngState none;
+      const detail::RngState& rng =
+          state.preserve_rng_state ? state.rng_before_f[i] : none;
+      {
+        torch::NoGradGuard no_grad;
+        detail::AutocastStateGuard autocast(state.autocast);
+        detail::ForkedRngGuard replay(rng, y.device());
+        x = detail::checked_inverse(member, y, state.input_sizes[i], where);
+      }
+      if (x.is_alias_of(y)) {
+        // A view of the output (the padding dropped) would keep all of it
+        // alive, and it may be the stage output the caller holds.
+        x = x.clone(y.suggest_memory_format());
+      }
+      y = torch::Tensor();
+      auto x_leaf = x.detach().requires_grad_(true);
+      torch::Tensor y_again;
+      torch::AutoGradMode enable_grad(true);
+      detail::GradientSinkGuard sinks(params);
+      detail::RecomputeScope scope;
+      {
+        detail::AutocastStateGuard autocast(state.autocast);
+        detail::ForkedRngGuard replay(rng, x_leaf.device());
+        y_again = detail::checked_forward(member, x_leaf, where);
+      }
+      detail::check_no_outside_dependencies(
+          y_again, x_leaf, params, scope, where, "forward");
+      auto member_grads = differentiate(y_again, {x_leaf}, params, dy);
+      y_again = torch::Tensor();
+      dy = torch::Tensor();
+      dx = std::move(member_grads[0]);
+      accumulate(grads, first_param, member_grads);
+    }
+    if (i > 0 && ctx->needs_input_grad(0) && !state.keeps_output(i - 1)) {
+      // Hand x to the previous member's node, split as it splits.
+      state.reconstructed[i - 1] = num_inputs == 2
+          ? split_views(x, state.split_dims[i - 1])
+          : Halves{std::move(x), torch::Tensor(), 1};
+    }
+    if (num_inputs == 1) {
+      grads[2] = std::move(dx);
+    } else if (dx.defined()) {
+      auto halves = split_views(dx, state.split_dims[i - 1]);
+      grads[2] = std::move(halves.first);
+      grads[3] = std::move(halves.second);
+    }
+    return grads;
+  }
+
   static Halves split_views(const torch::Tensor& t, int64_t dim) {
     auto halves = t.chunk(2, dim);
     return Halves{std::move(halves[0]), std::move(halves[1]), dim};
@@ -432,7 +635,7 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
   /// Halves that are dense in `t`'s memory format (see RevBlockBase::split),
   /// after checking that `block` can split `t`.
   static Halves split_checked(
-      const RevBlockBase& block,
+      const CouplingBlockBase& block,
       const torch::Tensor& t,
       const std::string& where) {
     block.check_splittable(t, where);
@@ -443,7 +646,7 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
   /// `h` split the way `block` splits: unchanged when the previous block
   /// used the same dimension, else joined and split again.
   static Halves resplit(
-      const RevBlockBase& block,
+      const CouplingBlockBase& block,
       Halves h,
       const std::string& where) {
     if (block.split_dim(h.first) == h.dim) {
@@ -497,20 +700,19 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     return dy + d;
   }
 
-  /// Gradients of `out` (weighted by `grad_out`) with respect to `input` and
-  /// `params`, without touching any `.grad`. Entry 0 is the input's gradient,
-  /// entry 1 + k the k-th parameter's (undefined when unused).
+  /// Gradients of `out` (weighted by `grad_out`) with respect to `leaves`
+  /// and `params`, without touching any `.grad`: the leaves' gradients
+  /// first, then the k-th parameter's at `leaves.size() + k` (undefined when
+  /// unused).
   static torch::autograd::variable_list differentiate(
       const torch::Tensor& out,
-      const torch::Tensor& input,
+      std::vector<torch::Tensor> leaves,
       const std::vector<torch::Tensor>& params,
       const torch::Tensor& grad_out) {
     if (!out.requires_grad()) { // F or G does not depend on anything.
-      return torch::autograd::variable_list(1 + params.size());
+      return torch::autograd::variable_list(leaves.size() + params.size());
     }
-    torch::autograd::variable_list inputs;
-    inputs.reserve(1 + params.size());
-    inputs.push_back(input);
+    torch::autograd::variable_list inputs = std::move(leaves);
     inputs.insert(inputs.end(), params.begin(), params.end());
     return torch::autograd::grad(
         {out},

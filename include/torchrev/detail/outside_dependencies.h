@@ -43,7 +43,7 @@ struct RecomputeScope {
   }
 };
 
-/// Throws if the graph of `out`, recomputed in `scope` from the leaf `input`
+/// Throws if the graph of `out`, recomputed in `scope` from the leaves `inputs`
 /// and from `params` (while `sinks` stands in for their accumulators),
 /// depends on any other tensor that requires grad. `where` and `what` name
 /// the computation in the message, e.g. "torchrev::RevSequential block 2
@@ -58,7 +58,7 @@ struct RecomputeScope {
 /// autograd would accept it.
 inline void check_no_outside_dependencies(
     const torch::Tensor& out,
-    const torch::Tensor& input,
+    const std::vector<torch::Tensor>& inputs,
     const std::vector<torch::Tensor>& params,
     const RecomputeScope& scope,
     const std::string& where,
@@ -67,9 +67,11 @@ inline void check_no_outside_dependencies(
     return;
   }
   std::unordered_set<const torch::autograd::Node*> allowed;
-  if (input.defined()) {
-    allowed.insert(
-        torch::autograd::impl::try_get_grad_accumulator(input).get());
+  for (const auto& input : inputs) {
+    if (input.defined()) {
+      allowed.insert(
+          torch::autograd::impl::try_get_grad_accumulator(input).get());
+    }
   }
   for (const auto& p : params) {
     allowed.insert(torch::autograd::impl::gradient_edge(p).function.get());
@@ -108,6 +110,18 @@ inline void check_no_outside_dependencies(
       pending.push_back(next);
     }
   }
+}
+
+/// As above, for a computation from one leaf `input`.
+inline void check_no_outside_dependencies(
+    const torch::Tensor& out,
+    const torch::Tensor& input,
+    const std::vector<torch::Tensor>& params,
+    const RecomputeScope& scope,
+    const std::string& where,
+    const char* what) {
+  check_no_outside_dependencies(
+      out, std::vector<torch::Tensor>{input}, params, scope, where, what);
 }
 
 } // namespace detail

@@ -297,7 +297,7 @@ class RevNetImpl : public detail::CloneableClassifier<RevNetImpl> {
         for (size_t begin = 0; begin < n; begin += segment) {
           const size_t end = std::min(n, begin + segment);
           std::vector<std::shared_ptr<torch::nn::Module>> modules;
-          std::vector<std::shared_ptr<RevBlockBase>> blocks;
+          std::vector<std::shared_ptr<InvertibleModule>> blocks;
           for (size_t i = begin; i < end; ++i) {
             blocks.push_back(stage.ptr(i));
             modules.push_back(blocks.back());
