@@ -403,6 +403,9 @@ int main(int argc, char** argv) {
                 "--modes: unknown mode '",
                 mode,
                 "'");
+            if (mode == "hybrid" && torchrev::models::is_fully_reversible(m)) {
+              continue; // no transition blocks to checkpoint
+            }
             configs.push_back({m, mode, {}, batch});
           }
         } else {

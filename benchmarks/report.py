@@ -2,7 +2,7 @@
 """Turns memory_bench's JSON results into Markdown tables and gnuplot data.
 
 Usage: report.py RESULTS_DIR
-Reads cpu_zoo.json, cpu_depth_sweep.json, cpu_batch128.json, cpu_budget.json
+Reads cpu_zoo.json, cpu_zoo_inv.json, cpu_depth_sweep.json, cpu_batch128.json, cpu_budget.json
 and cpu_drift.json (those present)
 and writes results.md, zoo.tsv and depth_sweep.tsv beside them. Every number
 comes from the JSON; nothing is typed in by hand.
@@ -74,6 +74,22 @@ def pairs_table(doc):
     return "\n".join(out)
 
 
+def inv_table(doc):
+    """Fully reversible RevNets (and RevNet-110) against ResNet-110."""
+    index = by_key(doc["results"])
+    base = index.get(("resnet110", "stored"))
+    out = ["| model | mode | params | peak activation MiB | vs ResNet-110 | step s | vs ResNet-110 |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for r in doc["results"]:
+        if r["model"] == "resnet110" or r["mode"] not in ("reversible", "hybrid"):
+            continue
+        out.append("| {} | {} | {:,} | {:.1f} | {:.3f} | {:.3f} | {:.2f} |".format(
+            r["model"], r["mode"], r["params"], r["peak_activation_bytes"] / MIB,
+            r["peak_activation_bytes"] / base["peak_activation_bytes"],
+            r["step_seconds"], r["step_seconds"] / base["step_seconds"]))
+    return "\n".join(out)
+
+
 def sweep_table(doc):
     rows = doc["results"]
     units = sorted({r["units_per_stage"] for r in rows})
@@ -128,6 +144,12 @@ def main():
             for r in doc["results"]:
                 f.write("{}/{}\t{:.3f}\t{:.4f}\n".format(
                     r["model"], r["mode"], r["peak_activation_bytes"] / MIB, r["step_seconds"]))
+    inv_path = os.path.join(d, "cpu_zoo_inv.json")
+    if os.path.exists(inv_path):
+        doc = load(inv_path)
+        md += ["## Fully reversible RevNets, batch {}".format(doc["results"][0]["batch"]), "",
+               "Command: `{}`".format(doc["command"]), "",
+               inv_table(doc), "", zoo_table(doc), ""]
     sweep_path = os.path.join(d, "cpu_depth_sweep.json")
     if os.path.exists(sweep_path):
         doc = load(sweep_path)

@@ -21,7 +21,10 @@ threads=${THREADS:-2}
 "$bench" --sweep-units 3,9,18,36,72 --sweep-modes reversible,stored,checkpointed \
   --batch 32 --steps 1 --repeats 3 --threads "$threads" \
   --json "$out/cpu_depth_sweep.json" | tee "$out/cpu_depth_sweep.txt"
-"$bench" --models resnet110,revnet110 --modes reversible,hybrid --batch 128 \
+"$bench" --models resnet110,revnet110,revnet38_inv,revnet110_inv,revnet164_inv \
+  --modes reversible,stored,checkpointed,hybrid --batch 32 --steps 3 --repeats 3 \
+  --threads "$threads" --json "$out/cpu_zoo_inv.json" | tee "$out/cpu_zoo_inv.txt"
+"$bench" --models resnet110,revnet110,revnet110_inv --modes reversible,hybrid --batch 128 \
   --steps 1 --repeats 3 --threads "$threads" \
   --json "$out/cpu_batch128.json" | tee "$out/cpu_batch128.txt"
 "$bench" --models resnet110,revnet110 --modes reversible,hybrid --steps 1 \

@@ -183,6 +183,24 @@ std::string file_bytes(const fs::path& path) {
 
 } // namespace
 
+TEST(CifarTrainCli, FullyReversibleRevNet110Trains) {
+  if (cifar_train_path().empty()) {
+    GTEST_SKIP() << "examples are not built";
+  }
+  Scratch scratch;
+  write_cifar10_dir(scratch.dir / "tiny", 8, 4);
+  auto result = run(
+      cifar_train_path() + " --data-dir " + (scratch.dir / "tiny").string() +
+      " --model revnet110_inv --batch-size 4 --max-steps 2 --threads 1");
+  ASSERT_EQ(result.exit_code, 0) << result.output;
+  EXPECT_NE(
+      result.output.find("model revnet110_inv (2237034 parameters)"),
+      std::string::npos)
+      << result.output;
+  EXPECT_FALSE(value_of(result.output, "test_accuracy").empty())
+      << result.output;
+}
+
 TEST(CifarTrainCli, DiskFullDuringACheckpointLosesNothing) {
   if (cifar_train_path().empty()) {
     GTEST_SKIP() << "examples are not built";

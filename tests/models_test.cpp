@@ -66,6 +66,41 @@ int64_t revnet_params(
   return n + head(width, classes);
 }
 
+// Fully reversible: the stem widens to the first stage's width, each later
+// stage opens with space-to-depth (4x the channels), every unit is a
+// reversible block computing at the stage's width (the first of a stage
+// reading and writing the whole half of the trunk, the others a slice of
+// width / 2 channels), and the head sees all trunk channels.
+int64_t revnet_inv_params(
+    std::vector<int64_t> units,
+    std::vector<int64_t> ch,
+    bool b,
+    int64_t in_ch,
+    int64_t classes) {
+  const int64_t first = ch[1] * (b ? 4 : 1);
+  int64_t n = 9 * in_ch * first;
+  int64_t trunk = first;
+  for (size_t s = 0; s < units.size(); ++s) {
+    const int64_t width = ch[s + 1] * (b ? 4 : 1);
+    if (s > 0) {
+      trunk *= 4;
+    }
+    if (s == 0) {
+      n += units[s] * 2 * residual(b, width / 2, width / 2);
+      continue;
+    }
+    // The first block's F and G mix the whole half: down to width / 2 (a
+    // bottleneck's inner width width / 8) and back.
+    const int64_t half = trunk / 2;
+    const int64_t mix = b ? 2 * half + half * (width / 8) + 2 * (width / 8) +
+            9 * (width / 8) * (width / 8) + 2 * (width / 8) + (width / 8) * half
+                          : 2 * half + 9 * half * (width / 2) +
+            2 * (width / 2) + 9 * (width / 2) * half;
+    n += 2 * mix + (units[s] - 1) * 2 * residual(b, width / 2, width / 2);
+  }
+  return n + head(trunk, classes);
+}
+
 struct ZooEntry {
   std::string name;
   int64_t expected;
@@ -94,6 +129,18 @@ std::vector<ZooEntry> zoo(int64_t in_ch, int64_t classes) {
        1.75},
       {"revnet_mini",
        revnet_params({1, 2, 2}, {16, 16, 32, 64}, false, in_ch, classes),
+       0.0},
+      {"revnet38_inv",
+       revnet_inv_params({3, 3, 3}, {32, 32, 64, 112}, false, in_ch, classes),
+       0.0},
+      {"revnet110_inv",
+       revnet_inv_params({9, 9, 9}, {32, 32, 64, 128}, false, in_ch, classes),
+       0.0},
+      {"revnet164_inv",
+       revnet_inv_params({9, 9, 9}, {32, 32, 64, 128}, true, in_ch, classes),
+       0.0},
+      {"revnet_mini_inv",
+       revnet_inv_params({1, 2, 2}, {16, 16, 32, 64}, false, in_ch, classes),
        0.0},
   };
 }
@@ -183,8 +230,65 @@ TEST(ModelZoo, RevNetGradientsEqualTheSameNetworkWithPlainAutograd) {
   }
 }
 
+TEST(ModelZoo, FullyReversibleGradientsEqualTheSameNetworkWithPlainAutograd) {
+  for (const std::string name :
+       {"revnet38_inv", "revnet164_inv", "revnet_mini_inv"}) {
+    SCOPED_TRACE(name);
+    torch::manual_seed(62);
+    auto rev = std::dynamic_pointer_cast<torchrev::models::RevNetInvImpl>(
+        torchrev::models::create(name));
+    ASSERT_NE(rev, nullptr);
+    rev->to(torch::kFloat64);
+    auto input = torch::randn({2, 3, 16, 16}, torch::kFloat64);
+    auto labels = torch::tensor({3, 7});
+    std::vector<std::vector<torch::Tensor>> grads;
+    std::vector<torch::Tensor> input_grads;
+    for (auto mode :
+         {StageMode::kReversible,
+          StageMode::kStored,
+          StageMode::kCheckpointed}) {
+      auto net = std::dynamic_pointer_cast<torchrev::models::RevNetInvImpl>(
+          rev->clone());
+      net->options.mode(mode);
+      auto x = input.clone().requires_grad_(true);
+      torch::nn::functional::cross_entropy(net->forward(x), labels).backward();
+      std::vector<torch::Tensor> g;
+      for (const auto& p : net->parameters()) {
+        g.push_back(p.grad());
+      }
+      grads.push_back(g);
+      input_grads.push_back(x.grad());
+    }
+    for (size_t m : {0u, 2u}) {
+      SCOPED_TRACE(m == 0 ? "reversible" : "checkpointed");
+      EXPECT_CLOSE(input_grads[m], input_grads[1], 1e-9);
+      ASSERT_EQ(grads[m].size(), grads[1].size());
+      for (size_t i = 0; i < grads[1].size(); ++i) {
+        SCOPED_TRACE("parameter " + std::to_string(i));
+        EXPECT_CLOSE(grads[m][i], grads[1][i], 1e-9);
+      }
+    }
+  }
+}
+
+TEST(ModelZoo, AFullyReversibleTrunkIsOneStageWithNoStoredBlock) {
+  auto net = std::dynamic_pointer_cast<torchrev::models::RevNetInvImpl>(
+      torchrev::models::create("revnet110_inv"));
+  ASSERT_NE(net, nullptr);
+  // 27 reversible blocks and 2 space-to-depth layers, nothing else.
+  ASSERT_EQ(net->trunk->size(), 29u);
+  EXPECT_NE(net->trunk->ptr<torchrev::SpaceToDepthImpl>(9), nullptr);
+  EXPECT_NE(net->trunk->ptr<torchrev::SpaceToDepthImpl>(19), nullptr);
+  // No torchrev block or stage stores activations: the audit records one
+  // reversible stage.
+  torchrev::ActivationAudit audit;
+  net->forward(torch::randn({2, 3, 32, 32}));
+  EXPECT_EQ(audit.entries().size(), 1u) << audit.report(*net);
+  EXPECT_TRUE(audit.storing().empty()) << audit.report(*net);
+}
+
 TEST(ModelZoo, CloneIsADeepCopyWithTheSameOutputsDtypeAndFrozenParameters) {
-  for (const std::string name : {"resnet32", "revnet38"}) {
+  for (const std::string name : {"resnet32", "revnet38", "revnet38_inv"}) {
     SCOPED_TRACE(name);
     torch::manual_seed(61);
     auto net = torchrev::models::create(name);

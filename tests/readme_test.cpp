@@ -34,7 +34,49 @@ struct MyBlockImpl : torchrev::RevBlockBase {
 };
 TORCH_MODULE(MyBlock);
 
+// "Invertible members": a member of your own.
+struct FeatureAffineImpl : torchrev::InvertibleModule {
+  explicit FeatureAffineImpl(int64_t features)
+      : s(register_parameter("s", torch::zeros({features}))),
+        b(register_parameter("b", torch::zeros({features}))) {}
+  torch::Tensor forward(const torch::Tensor& x) override {
+    return x * s.exp() + b;
+  }
+  torch::Tensor inverse(const torch::Tensor& y) override {
+    return (y - b) * (-s).exp();
+  }
+  torch::Tensor s, b;
+};
+TORCH_MODULE(FeatureAffine);
+
 } // namespace
+
+TEST(Readme, InvertibleMembersTrainAndInvert) {
+  auto net = [] { // 8 channels in, raw scale and shift (2 x 8) out
+    return torch::nn::Sequential(
+        torch::nn::BatchNorm2d(8),
+        torch::nn::ReLU(),
+        torch::nn::Conv2d(torch::nn::Conv2dOptions(8, 16, 3).padding(1)));
+  };
+  using Affine =
+      torchrev::AffineBlock<torch::nn::Sequential, torch::nn::Sequential>;
+  torchrev::RevSequential stage(
+      Affine(net(), net()),
+      Affine(net(), net(), torchrev::AffineBlockOptions().min_scale(0.25)),
+      torchrev::SpaceToDepth(2)); // 16 channels at H, W -> 64 at H/2, W/2
+  auto x = torch::randn({4, 16, 32, 32}, torch::requires_grad());
+  auto y = stage(x);
+  EXPECT_EQ(y.sizes(), torch::IntArrayRef({4, 64, 16, 16}));
+  y.pow(2).mean().backward();
+  EXPECT_TRUE(x.grad().defined());
+  stage->eval();
+  torch::NoGradGuard no_grad;
+  EXPECT_TRUE(stage->inverse(stage(x)).allclose(x, 1e-4, 1e-4));
+
+  torchrev::RevSequential mixed(MyBlock(64), FeatureAffine(128), MyBlock(64));
+  auto in = torch::randn({8, 128});
+  EXPECT_TRUE(mixed->inverse(mixed(in)).allclose(in, 1e-4, 1e-4));
+}
 
 TEST(Readme, ComposingTrainingAndSavingCompileWithTheUmbrellaHeader) {
   auto residual = [] {

@@ -76,7 +76,9 @@ int main(int argc, char** argv) {
   app.add_option(
          "--model",
          config.model,
-         "revnet_mini, revnet38, revnet110, revnet164, resnet32, resnet110, resnet164")
+         "revnet_mini, revnet38, revnet110, revnet164, resnet32, resnet110, "
+         "resnet164, or a RevNet fully reversible: revnet_mini_inv, "
+         "revnet38_inv, revnet110_inv, revnet164_inv")
       ->capture_default_str();
   app.add_option(
          "--dataset",

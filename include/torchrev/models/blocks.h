@@ -194,5 +194,109 @@ inline PreActRevBlock preact_rev_block(bool bottleneck, int64_t width) {
       residual(bottleneck, width / 2, width / 2));
 }
 
+/// A residual function that acts on the first `active` of `total` channels
+/// and leaves the others alone: its output has `total` channels, the last
+/// `total - active` of them zero. In a fully reversible RevNet the channels
+/// that space-to-depth adds beyond the stage's width are carried through
+/// unchanged this way (as a multi-scale flow factors them out), so that the
+/// blocks compute at the paper's width.
+class SlicedResidualImpl : public torch::nn::Cloneable<SlicedResidualImpl> {
+ public:
+  SlicedResidualImpl(bool bottleneck, int64_t active, int64_t total)
+      : bottleneck_(bottleneck), active_(active), total_(total) {
+    TORCH_CHECK(
+        active >= 1 && active <= total,
+        "torchrev::models::SlicedResidual: expected 1 <= active <= total, got "
+        "active ",
+        active,
+        " of ",
+        total,
+        " channels");
+    reset();
+  }
+
+  void reset() override {
+    body = register_module("body", residual(bottleneck_, active_, active_));
+  }
+
+  torch::Tensor forward(const torch::Tensor& x) {
+    if (active_ == total_) {
+      return body->forward(x);
+    }
+    const auto format = x.suggest_memory_format();
+    auto h = body->forward(x.narrow(1, 0, active_).contiguous(format));
+    return torch::constant_pad_nd(h, {0, 0, 0, 0, 0, total_ - active_})
+        .contiguous(format);
+  }
+
+  void pretty_print(std::ostream& stream) const override {
+    stream << "torchrev::models::SlicedResidual[" << active_ << " of " << total_
+           << (bottleneck_ ? ", bottleneck" : "") << "]";
+  }
+
+  torch::nn::Sequential body{nullptr};
+
+ private:
+  bool bottleneck_;
+  int64_t active_, total_;
+};
+TORCH_MODULE(SlicedResidual);
+
+/// A residual function on `channels` channels that computes at width
+/// `inner`: BN-ReLU-conv3x3 to `inner`, BN-ReLU-conv3x3 back; as a
+/// bottleneck, BN-ReLU-conv1x1 to inner / 4, a 3x3 and a 1x1 back.
+inline torch::nn::Sequential mixing_residual(
+    bool bottleneck,
+    int64_t channels,
+    int64_t inner) {
+  if (!bottleneck) {
+    return torch::nn::Sequential(
+        torch::nn::BatchNorm2d(channels),
+        torch::nn::ReLU(),
+        conv2d(channels, inner, 3),
+        torch::nn::BatchNorm2d(inner),
+        torch::nn::ReLU(),
+        conv2d(inner, channels, 3));
+  }
+  const int64_t m = inner / 4;
+  return torch::nn::Sequential(
+      torch::nn::BatchNorm2d(channels),
+      torch::nn::ReLU(),
+      conv2d(channels, m, 1),
+      torch::nn::BatchNorm2d(m),
+      torch::nn::ReLU(),
+      conv2d(m, m, 3),
+      torch::nn::BatchNorm2d(m),
+      torch::nn::ReLU(),
+      conv2d(m, channels, 1));
+}
+
+/// A reversible pre-activation block on `trunk` channels whose F and G
+/// compute at width `width` / 2. With `mix_all`, F and G read and write all
+/// trunk / 2 channels of their halves (`mixing_residual`); otherwise they
+/// read and write the first width / 2 channels and leave the rest alone
+/// (`SlicedResidual`).
+inline PreActRevBlock sliced_rev_block(
+    bool bottleneck,
+    int64_t width,
+    int64_t trunk,
+    bool mix_all) {
+  TORCH_CHECK(
+      width % 2 == 0 && trunk % 2 == 0,
+      "torchrev::models: a reversible block needs even widths, got ",
+      width,
+      " of ",
+      trunk);
+  if (width == trunk) {
+    return preact_rev_block(bottleneck, width);
+  }
+  auto residual_function = [&] {
+    return mix_all ? mixing_residual(bottleneck, trunk / 2, width / 2)
+                   : torch::nn::Sequential(
+                         SlicedResidual(bottleneck, width / 2, trunk / 2));
+  };
+  return PreActRevBlock(residual_function(), residual_function());
+}
+
 } // namespace models
 } // namespace torchrev

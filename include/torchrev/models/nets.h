@@ -210,6 +210,54 @@ class ResNetImpl : public detail::CloneableClassifier<ResNetImpl> {
 };
 TORCH_MODULE(ResNet);
 
+namespace detail {
+
+/// Runs `stage` in `mode`: as a `RevSequential`, or its members one after
+/// the other with plain autograd (stored), or with gradient checkpointing
+/// in segments of about sqrt(size) members.
+inline torch::Tensor run_stage(
+    RevSequentialImpl& stage,
+    torch::Tensor x,
+    StageMode mode) {
+  switch (mode) {
+    case StageMode::kReversible:
+      return stage.forward(x);
+    case StageMode::kStored:
+      for (const auto& block : stage) {
+        x = block->forward(x);
+      }
+      return x;
+    case StageMode::kCheckpointed: {
+      const size_t n = stage.size();
+      const size_t segment =
+          static_cast<size_t>(std::ceil(std::sqrt(static_cast<double>(n))));
+      for (size_t begin = 0; begin < n; begin += segment) {
+        const size_t end = std::min(n, begin + segment);
+        std::vector<std::shared_ptr<torch::nn::Module>> modules;
+        std::vector<std::shared_ptr<InvertibleModule>> blocks;
+        for (size_t i = begin; i < end; ++i) {
+          blocks.push_back(stage.ptr(i));
+          modules.push_back(blocks.back());
+        }
+        x = checkpoint(
+            std::move(modules),
+            [blocks](const torch::Tensor& in) {
+              torch::Tensor out = in;
+              for (const auto& block : blocks) {
+                out = block->forward(out);
+              }
+              return out;
+            },
+            x);
+      }
+      return x;
+    }
+  }
+  TORCH_CHECK(false, "torchrev::models: unknown stage mode");
+}
+
+} // namespace detail
+
 /// A RevNet for CIFAR-sized images: ResNet layout, reversible stages.
 class RevNetImpl : public detail::CloneableClassifier<RevNetImpl> {
  public:
@@ -261,7 +309,7 @@ class RevNetImpl : public detail::CloneableClassifier<RevNetImpl> {
       }
       auto stage = stages->ptr<RevSequentialImpl>(s);
       if (!stage->is_empty()) {
-        x = run_stage(*stage, x);
+        x = detail::run_stage(*stage, x, options.mode());
       }
     }
     return fc(head->forward(x));
@@ -281,47 +329,86 @@ class RevNetImpl : public detail::CloneableClassifier<RevNetImpl> {
   torch::nn::Linear fc{nullptr};
 
  private:
-  torch::Tensor run_stage(RevSequentialImpl& stage, torch::Tensor x) {
-    switch (options.mode()) {
-      case StageMode::kReversible:
-        return stage.forward(x);
-      case StageMode::kStored:
-        for (const auto& block : stage) {
-          x = block->forward(x);
-        }
-        return x;
-      case StageMode::kCheckpointed: {
-        const size_t n = stage.size();
-        const size_t segment =
-            static_cast<size_t>(std::ceil(std::sqrt(static_cast<double>(n))));
-        for (size_t begin = 0; begin < n; begin += segment) {
-          const size_t end = std::min(n, begin + segment);
-          std::vector<std::shared_ptr<torch::nn::Module>> modules;
-          std::vector<std::shared_ptr<InvertibleModule>> blocks;
-          for (size_t i = begin; i < end; ++i) {
-            blocks.push_back(stage.ptr(i));
-            modules.push_back(blocks.back());
-          }
-          x = checkpoint(
-              std::move(modules),
-              [blocks](const torch::Tensor& in) {
-                torch::Tensor out = in;
-                for (const auto& block : blocks) {
-                  out = block->forward(out);
-                }
-                return out;
-              },
-              x);
-        }
-        return x;
-      }
-    }
-    TORCH_CHECK(false, "torchrev::models::RevNet: unknown stage mode");
-  }
-
   std::vector<int64_t> transition_index_;
 };
 TORCH_MODULE(RevNet);
+
+/// A fully reversible RevNet: the RevNet layout with no stored block. The
+/// stem widens straight to the first stage's width; each later stage opens
+/// with `SpaceToDepth(2)` instead of a strided transition block, so that the
+/// whole trunk is one `RevSequential` and training stores only the network
+/// input (for the stem), the trunk output (and the head's activations) and
+/// one block's recompute graph.
+///
+/// Space-to-depth quadruples the channels at each downsampling while the
+/// paper's widths only double, so the trunk carries more channels than a
+/// stage computes on. Every block's F and G compute at the paper's width:
+/// the first block of a stage reads and writes all channels of its halves
+/// (convolving down to the stage's width and back up, `mixing_residual`), as
+/// the paper's transition block mixes all channels of the previous stage;
+/// the other blocks read and write only the first channels of their halves
+/// (`SlicedResidual`), and the remaining channels pass through them
+/// unchanged, as a multi-scale flow (RealNVP, Glow) factors them out. The
+/// head (BN-ReLU-pool-linear) sees all trunk channels. Units per stage are the
+/// paper's, the transition unit becoming a reversible block. Options as for
+/// `RevNet`; `channels()[0]` and `checkpoint_transitions` are not used.
+class RevNetInvImpl : public detail::CloneableClassifier<RevNetInvImpl> {
+ public:
+  explicit RevNetInvImpl(RevNetOptions options_ = {})
+      : options(std::move(options_)) {
+    detail::check_layout(options, "torchrev::models::RevNetInv");
+    reset();
+  }
+
+  void reset() override {
+    int64_t trunk_width = detail::stage_width(options, 0);
+    stem =
+        register_module("stem", conv2d(options.in_channels(), trunk_width, 3));
+    trunk = register_module("trunk", RevSequential());
+    for (size_t s = 0; s < options.units().size(); ++s) {
+      const int64_t width = detail::stage_width(options, s);
+      if (s > 0) {
+        trunk->push_back(SpaceToDepth(2));
+        trunk_width *= 4;
+      }
+      TORCH_CHECK(
+          width <= trunk_width,
+          "torchrev::models::RevNetInv: stage ",
+          s,
+          " is ",
+          width,
+          " channels wide, more than the ",
+          trunk_width,
+          " that space-to-depth gives it");
+      for (int64_t u = 0; u < options.units()[s]; ++u) {
+        // The first block of a stage mixes all channels of its halves, as
+        // the paper's transition block mixes all of the previous stage's.
+        trunk->push_back(sliced_rev_block(
+            options.bottleneck(), width, trunk_width, /*mix_all=*/u == 0));
+      }
+    }
+    head = register_module("head", detail::pool_head(trunk_width));
+    fc = register_module(
+        "fc", torch::nn::Linear(trunk_width, options.num_classes()));
+  }
+
+  torch::Tensor forward(const torch::Tensor& images) override {
+    auto x = detail::run_stage(*trunk, stem(images), options.mode());
+    return fc(head->forward(x));
+  }
+
+  void pretty_print(std::ostream& stream) const override {
+    stream << "torchrev::models::RevNetInv";
+  }
+
+  RevNetOptions options;
+  torch::nn::Conv2d stem{nullptr};
+  /// Every block and downsampling of the network, in one stage.
+  RevSequential trunk{nullptr};
+  torch::nn::Sequential head{nullptr};
+  torch::nn::Linear fc{nullptr};
+};
+TORCH_MODULE(RevNetInv);
 
 } // namespace models
 } // namespace torchrev

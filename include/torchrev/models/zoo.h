@@ -13,7 +13,9 @@
 // | revnet_mini| basic      | 1-2-2    | 16-16-32-64   |
 //
 // revnet_mini is a width- and depth-reduced RevNet for quick runs (the
-// training example's default on Fashion-MNIST).
+// training example's default on Fashion-MNIST). Each RevNet also comes fully
+// reversible, as `<name>_inv` (`RevNetInv`: space-to-depth instead of the
+// stored transition blocks, the same widths and units).
 
 #include <torchrev/models/nets.h>
 
@@ -45,10 +47,21 @@ inline std::vector<std::string> model_names() {
       "revnet38",
       "revnet110",
       "revnet164",
-      "revnet_mini"};
+      "revnet_mini",
+      "revnet38_inv",
+      "revnet110_inv",
+      "revnet164_inv",
+      "revnet_mini_inv"};
 }
 
-/// True for the names of RevNets.
+/// True for the names of fully reversible RevNets (`<name>_inv`).
+inline bool is_fully_reversible(const std::string& name) {
+  const std::string suffix = "_inv";
+  return name.size() > suffix.size() &&
+      name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+/// True for the names of RevNets, fully reversible ones included.
 inline bool is_revnet(const std::string& name) {
   return name.rfind("revnet", 0) == 0;
 }
@@ -67,10 +80,11 @@ inline std::shared_ptr<ImageClassifier> create(
             .in_channels(options.in_channels())
             .num_classes(options.num_classes()));
   };
+  const bool inv = is_fully_reversible(name);
   auto revnet = [&](std::vector<int64_t> units,
                     std::vector<int64_t> channels,
-                    bool bottleneck) {
-    return std::make_shared<RevNetImpl>(
+                    bool bottleneck) -> std::shared_ptr<ImageClassifier> {
+    auto revnet_options =
         RevNetOptions()
             .units(std::move(units))
             .channels(std::move(channels))
@@ -78,21 +92,26 @@ inline std::shared_ptr<ImageClassifier> create(
             .in_channels(options.in_channels())
             .num_classes(options.num_classes())
             .mode(options.mode())
-            .checkpoint_transitions(options.checkpoint_transitions()));
+            .checkpoint_transitions(options.checkpoint_transitions());
+    if (inv) {
+      return std::make_shared<RevNetInvImpl>(std::move(revnet_options));
+    }
+    return std::make_shared<RevNetImpl>(std::move(revnet_options));
   };
+  const std::string base = inv ? name.substr(0, name.size() - 4) : name;
   if (name == "resnet32")
     return resnet({5, 5, 5}, false);
   if (name == "resnet110")
     return resnet({18, 18, 18}, false);
   if (name == "resnet164")
     return resnet({18, 18, 18}, true);
-  if (name == "revnet38")
+  if (base == "revnet38")
     return revnet({3, 3, 3}, {32, 32, 64, 112}, false);
-  if (name == "revnet110")
+  if (base == "revnet110")
     return revnet({9, 9, 9}, {32, 32, 64, 128}, false);
-  if (name == "revnet164")
+  if (base == "revnet164")
     return revnet({9, 9, 9}, {32, 32, 64, 128}, true);
-  if (name == "revnet_mini")
+  if (base == "revnet_mini")
     return revnet({1, 2, 2}, {16, 16, 32, 64}, false);
   std::string valid;
   for (const auto& n : model_names()) {
