@@ -88,6 +88,36 @@ struct WrongInverseImpl : torchrev::InvertibleModule {
 };
 TORCH_MODULE(WrongInverse);
 
+/// A member whose inverse writes into its argument.
+struct InPlaceInverseImpl : torchrev::InvertibleModule {
+  torch::Tensor forward(const torch::Tensor& x) override {
+    return x + 1;
+  }
+  torch::Tensor inverse(const torch::Tensor& y) override {
+    return y.sub_(1);
+  }
+};
+TORCH_MODULE(InPlaceInverse);
+
+/// A coupling whose uncouple writes into its argument.
+struct InPlaceUncoupleImpl : torchrev::CouplingBlockBase {
+  torch::Tensor forward_f(const torch::Tensor& x2) override {
+    return torch::tanh(x2);
+  }
+  torch::Tensor forward_g(const torch::Tensor& y1) override {
+    return torch::tanh(y1);
+  }
+  torch::Tensor couple(const torch::Tensor& x, const torch::Tensor& h)
+      override {
+    return x + h;
+  }
+  torch::Tensor uncouple(const torch::Tensor& y, const torch::Tensor& h)
+      override {
+    return y.sub_(h);
+  }
+};
+TORCH_MODULE(InPlaceUncouple);
+
 /// F or G of an affine block on `half` channels: Conv-BN-Tanh to 2 * half
 /// channels (raw scale and shift).
 torch::nn::Sequential affine_net(int64_t half, double dropout = 0.0) {
@@ -354,6 +384,30 @@ TEST(InvertibleMembers, AnInverseOfAnotherShapeIsNamed) {
       "inverse must return the shape",
       "expected shape [2, 4, 4, 4]",
       "shape [2, 1, 4, 4]");
+}
+
+TEST(InvertibleMembers, AnInverseOrUncoupleInPlaceIsNamed) {
+  {
+    torchrev::RevSequential stage(additive_block(2), InPlaceInverse());
+    auto y = stage(torch::randn({2, 4, 4, 4}, torch::requires_grad()));
+    EXPECT_ERROR_CONTAINS(
+        y.sum().backward(), "block 1 (", "inverse modified its input in place");
+  }
+  {
+    torchrev::RevSequential stage(InPlaceUncouple(), additive_block(2));
+    auto y = stage(torch::randn({2, 4, 4, 4}, torch::requires_grad()));
+    EXPECT_ERROR_CONTAINS(
+        y.sum().backward(),
+        "block 0 (",
+        "uncouple modified an argument in place");
+    // On its own, the block is named as a coupling block.
+    InPlaceUncouple block;
+    torch::NoGradGuard no_grad;
+    EXPECT_ERROR_CONTAINS(
+        block->inverse(torch::randn({2, 4})),
+        "torchrev coupling block (",
+        "uncouple modified an argument in place");
+  }
 }
 
 TEST(InvertibleMembers, BadAffineInputIsAClearError) {

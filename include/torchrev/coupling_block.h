@@ -229,22 +229,28 @@ class CouplingBlockBase : public InvertibleModule {
         where);
   }
 
-  /// `couple(x, h)`, checked to have x's shape, dtype and device.
+  /// `couple(x, h)`, checked to leave its arguments unchanged and to have
+  /// x's shape, dtype and device.
   torch::Tensor checked_couple(
       const torch::Tensor& x,
       const torch::Tensor& h,
       const std::string& where) {
+    const auto versions = std::make_pair(x._version(), h._version());
     auto y = couple(x, h);
+    check_unchanged(x, h, versions, "couple", where);
     check_same_kind(y, x, "couple", "its input half", where);
     return y;
   }
 
-  /// `uncouple(y, h)`, checked to have y's shape, dtype and device.
+  /// `uncouple(y, h)`, checked like `checked_couple` (the output half may be
+  /// the stage output the caller holds).
   torch::Tensor checked_uncouple(
       const torch::Tensor& y,
       const torch::Tensor& h,
       const std::string& where) {
+    const auto versions = std::make_pair(y._version(), h._version());
     auto x = uncouple(y, h);
+    check_unchanged(y, h, versions, "uncouple", where);
     check_same_kind(x, y, "uncouple", "its output half", where);
     return x;
   }
@@ -292,9 +298,11 @@ class CouplingBlockBase : public InvertibleModule {
     return false;
   }
 
-  /// "torchrev::RevBlock (<type>)": how errors name a block on its own.
+  /// "torchrev::RevBlock (<type>)" for an additive block, "torchrev
+  /// coupling block (<type>)" for others: how errors name a block on its own.
   std::string describe() const {
-    return "torchrev::RevBlock (" + name() + ")";
+    return (additive_ ? "torchrev::RevBlock (" : "torchrev coupling block (") +
+        name() + ")";
   }
 
  private:
@@ -379,6 +387,21 @@ class CouplingBlockBase : public InvertibleModule {
             << " acts on half the split dimension and must not modify its "
             << "input in place)";
     e.add_context(context.str());
+  }
+
+  static void check_unchanged(
+      const torch::Tensor& a,
+      const torch::Tensor& h,
+      std::pair<uint32_t, uint32_t> versions,
+      const char* which,
+      const std::string& where) {
+    TORCH_CHECK(
+        a._version() == versions.first && h._version() == versions.second,
+        where,
+        ": ",
+        which,
+        " modified an argument in place; a coupling must compute its result "
+        "out of place");
   }
 
   static void check_same_kind(

@@ -99,14 +99,15 @@ inline torch::Tensor checked_forward(
   return y;
 }
 
-/// `member.inverse(y)` for a stage, checked to give back `input_sizes`, the
-/// shape forward was called on.
+/// `member.inverse(y)` for a stage: errors raised inside get a line naming
+/// the member, and the result must be defined and `y` unchanged (it may be
+/// the stage output the caller holds).
 inline torch::Tensor checked_inverse(
     InvertibleModule& member,
     const torch::Tensor& y,
-    c10::IntArrayRef input_sizes,
     const std::string& where) {
   torch::Tensor x;
+  const auto version = y._version();
   try {
     x = member.inverse(y);
   } catch (c10::Error& e) {
@@ -115,8 +116,25 @@ inline torch::Tensor checked_inverse(
     throw;
   }
   TORCH_CHECK(
-      x.defined() && x.sizes() == input_sizes &&
-          x.scalar_type() == y.scalar_type() && x.device() == y.device(),
+      y._version() == version,
+      where,
+      ": inverse modified its input in place; an invertible member must "
+      "leave it unchanged");
+  TORCH_CHECK(x.defined(), where, ": inverse returned an undefined tensor");
+  return x;
+}
+
+/// As above, and checked to give back `input_sizes`, the shape forward was
+/// called on.
+inline torch::Tensor checked_inverse(
+    InvertibleModule& member,
+    const torch::Tensor& y,
+    c10::IntArrayRef input_sizes,
+    const std::string& where) {
+  torch::Tensor x = checked_inverse(member, y, where);
+  TORCH_CHECK(
+      x.sizes() == input_sizes && x.scalar_type() == y.scalar_type() &&
+          x.device() == y.device(),
       where,
       ": inverse must return the shape (and the dtype and device) that "
       "forward was called on: expected shape ",
@@ -125,16 +143,13 @@ inline torch::Tensor checked_inverse(
       y.scalar_type(),
       " on ",
       y.device(),
-      "), but inverse returned ",
-      x.defined() ? c10::str(
-                        "shape ",
-                        x.sizes(),
-                        " (",
-                        x.scalar_type(),
-                        " on ",
-                        x.device(),
-                        ")")
-                  : std::string("an undefined tensor"));
+      "), but inverse returned shape ",
+      x.sizes(),
+      " (",
+      x.scalar_type(),
+      " on ",
+      x.device(),
+      ")");
   return x;
 }
 

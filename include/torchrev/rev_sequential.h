@@ -224,7 +224,7 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
         x = coupling->inverse_checked(x, block_name(i));
       } else {
         detail::RecomputeGuard recompute(*blocks_[i]);
-        x = blocks_[i]->inverse(x);
+        x = detail::checked_inverse(*blocks_[i], x, block_name(i));
       }
     }
     return x;

@@ -409,7 +409,8 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
         // Any other coupling: reconstruct x2 with uncouple, then
         // differentiate y2 = couple(x2, G(y1)) with respect to y1, x2 and
         // G's parameters.
-        x.second = uncouple_detached(block, y.second, g_out, where);
+        x.second = uncouple_detached(block, y.second, g_out, *state, where);
+        y.second = torch::Tensor();
         auto x2_leaf = x.second.detach().requires_grad_(true);
         auto y2 = couple_recorded(block, x2_leaf, g_out, *state, where);
         g_grads = differentiate(y2, {y1_leaf, x2_leaf}, params, dy.second);
@@ -457,7 +458,7 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
             std::move(f_grads[0]), std::move(dy.second), write_dy2);
         accumulate(grads, first_param, f_grads);
       } else {
-        x.first = uncouple_detached(block, y.first, f_out, where);
+        x.first = uncouple_detached(block, y.first, f_out, *state, where);
         y.first = torch::Tensor();
         auto x1_leaf = x.first.detach().requires_grad_(true);
         auto y1 = couple_recorded(block, x1_leaf, f_out, *state, where);
@@ -516,13 +517,16 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
   }
 
  private:
-  /// x = uncouple(y, h) for a coupling block, outside any graph.
+  /// x = uncouple(y, h) for a coupling block, outside any graph, under the
+  /// forward's autocast state (as `couple` ran).
   static torch::Tensor uncouple_detached(
       CouplingBlockBase& block,
       const torch::Tensor& y,
       const torch::Tensor& h,
+      const RevStageState& state,
       const std::string& where) {
     torch::NoGradGuard no_grad;
+    detail::AutocastStateGuard autocast(state.autocast);
     return block.checked_uncouple(y, h.detach(), where);
   }
 
@@ -611,7 +615,10 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       dx = std::move(member_grads[0]);
       accumulate(grads, first_param, member_grads);
     }
-    if (i > 0 && ctx->needs_input_grad(0) && !state.keeps_output(i - 1)) {
+    const bool previous_needs_x = num_inputs == 2
+        ? ctx->needs_input_grad(0) || ctx->needs_input_grad(1)
+        : ctx->needs_input_grad(0);
+    if (i > 0 && previous_needs_x && !state.keeps_output(i - 1)) {
       // Hand x to the previous member's node, split as it splits.
       state.reconstructed[i - 1] = num_inputs == 2
           ? split_views(x, state.split_dims[i - 1])
