@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# How the BLAS behind Debian's LibTorch 1.13 sets the speed of a transformer:
+# 30 training steps of vit_mini with the reference BLAS, with OpenBLAS as
+# installed (its kernels chosen from the CPU model), and with OpenBLAS told
+# the core type. Writes benchmarks/results/cpu_blas.txt.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+train=${TORCHREV_BUILD:-$root/build}/examples/cifar/cifar_train
+out=$root/benchmarks/results/cpu_blas.txt
+reference=/usr/lib/x86_64-linux-gnu/blas # Debian's reference libblas.so.3
+run() { # label, then env assignments
+  local label=$1
+  shift
+  local line
+  line=$(env OPENBLAS_VERBOSE=2 "$@" "$train" --model vit_mini --quiet \
+    --max-steps 30 2>&1 | grep -E "images/s in training|^Core:" | tr '\n' ' ')
+  echo "$label: $line"
+}
+{
+  echo "# command: benchmarks/blas_compare.sh, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)"
+  run "reference BLAS" LD_LIBRARY_PATH=$reference
+  run "OpenBLAS, detected core"
+  run "OpenBLAS, OPENBLAS_CORETYPE=Haswell" OPENBLAS_CORETYPE=Haswell
+  run "OpenBLAS, OPENBLAS_CORETYPE=SkylakeX" OPENBLAS_CORETYPE=SkylakeX
+} | tee "$out.tmp"
+mv "$out.tmp" "$out"
