@@ -10,6 +10,12 @@
 //   grad_x/params      float32 reversible gradients, per anchor_every
 //   peak_bytes         the reversible training step's peak activation bytes
 // Errors are max |a - b| / max |b| (parameters: over all of them at once).
+//
+// With --dtypes, instead: for each dtype (float32, bfloat16), kind of block
+// (BN(eval)-ReLU-conv, or a transformer block: LayerNorm-attention and
+// LayerNorm-MLP) and depth, one training step of a stage with
+// `track_drift`, reporting the worst reconstructed member input and the
+// gradients' errors against float64 plain autograd.
 
 #include <torchrev/torchrev.h>
 
@@ -88,6 +94,109 @@ Gradients step(
   return {x.grad(), torch::cat(flat)};
 }
 
+torchrev::RevSequential make_kind_stage(
+    const std::string& kind,
+    int64_t blocks) {
+  torch::manual_seed(kSeed);
+  if (kind == "conv") {
+    return make_stage(blocks, 1.0);
+  }
+  TORCH_CHECK(
+      kind == "transformer",
+      "--kinds: expected conv or transformer, got ",
+      kind);
+  torchrev::RevSequential stage;
+  for (int64_t i = 0; i < blocks; ++i) {
+    stage->push_back(torchrev::models::rev_transformer_block(
+        torchrev::models::TransformerBlockOptions(32, 4)));
+  }
+  stage->eval();
+  return stage;
+}
+
+torch::Tensor kind_input(const std::string& kind) {
+  torch::manual_seed(kSeed + 1);
+  return kind == "conv" ? torch::randn({kBatch, 2 * kHalf, kSize, kSize})
+                        : torch::randn({kBatch, 16, 64});
+}
+
+torch::Dtype parse_dtype(const std::string& name) {
+  if (name == "float32") {
+    return torch::kFloat32;
+  }
+  TORCH_CHECK(
+      name == "bfloat16", "--dtypes: expected float32 or bfloat16, got ", name);
+  return torch::kBFloat16;
+}
+
+/// The --dtypes mode: reconstruction drift measured by the stage itself.
+nlohmann::json dtype_drift(
+    const std::vector<std::string>& dtypes,
+    const std::vector<std::string>& kinds,
+    const std::vector<int64_t>& depths) {
+  nlohmann::json results = nlohmann::json::array();
+  fmt::print(
+      "{:>9} {:>12} {:>6} {:>12} {:>7} {:>10} {:>10} {:>10} {:>10}\n",
+      "dtype",
+      "kind",
+      "blocks",
+      "worst input",
+      "member",
+      "rev x",
+      "rev p",
+      "plain x",
+      "plain p");
+  for (const auto& kind : kinds) {
+    for (int64_t blocks : depths) {
+      auto base = make_kind_stage(kind, blocks);
+      auto reference = torchrev::RevSequential(
+          std::dynamic_pointer_cast<torchrev::RevSequentialImpl>(
+              base->clone()));
+      reference->to(torch::kFloat64);
+      const auto x = kind_input(kind);
+      const auto exact = step(reference, x.to(torch::kFloat64), false);
+      for (const auto& dtype_name : dtypes) {
+        const auto dtype = parse_dtype(dtype_name);
+        auto stage = torchrev::RevSequential(
+            std::dynamic_pointer_cast<torchrev::RevSequentialImpl>(
+                base->clone()));
+        stage->to(dtype);
+        const auto plain = step(stage, x.to(dtype), false);
+        stage->options.track_drift(true);
+        const auto rev = step(stage, x.to(dtype), true);
+        const auto drift = stage->drift();
+        nlohmann::json row{
+            {"dtype", dtype_name},
+            {"kind", kind},
+            {"blocks", blocks},
+            {"worst_input_error", drift.worst_error},
+            {"worst_member", drift.worst_member},
+            {"input_errors", drift.input_errors},
+            {"grad_x_error", relative_error(rev.x, exact.x)},
+            {"grad_params_error", relative_error(rev.params, exact.params)},
+            {"plain_grad_x_error", relative_error(plain.x, exact.x)},
+            {"plain_grad_params_error",
+             relative_error(plain.params, exact.params)}};
+        fmt::print(
+            "{:>9} {:>12} {:>6} {:>12.2e} {:>7} {:>10.2e} {:>10.2e} {:>10.2e} "
+            "{:>10.2e}\n",
+            dtype_name,
+            kind,
+            blocks,
+            drift.worst_error,
+            drift.worst_member,
+            row["grad_x_error"].get<double>(),
+            row["grad_params_error"].get<double>(),
+            row["plain_grad_x_error"].get<double>(),
+            row["plain_grad_params_error"].get<double>());
+        std::fflush(stdout);
+        results.push_back(row);
+      }
+    }
+  }
+  return results;
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -104,21 +213,35 @@ int main(int argc, char** argv) {
   app.add_option("--scales", scales, "conv weight scales")->delimiter(',');
   app.add_option("--threads", threads, "intra-op threads");
   app.add_option("--json", json_path, "write the results here");
+  std::vector<std::string> dtypes, kinds{"conv", "transformer"};
+  app.add_option(
+         "--dtypes",
+         dtypes,
+         "instead: the drift the stage measures (track_drift) in these "
+         "dtypes (float32, bfloat16)")
+      ->delimiter(',');
+  app.add_option("--kinds", kinds, "with --dtypes: conv, transformer")
+      ->delimiter(',');
   CLI11_PARSE(app, argc, argv);
   torch::set_num_threads(threads);
 
   nlohmann::json results = nlohmann::json::array();
-  fmt::print(
-      "{:>6} {:>5} {:>10} {:>10} {:>10} {:>7} {:>10} {:>10} {:>9}\n",
-      "blocks",
-      "scale",
-      "inverse",
-      "plain x",
-      "plain p",
-      "anchor",
-      "rev x",
-      "rev p",
-      "peak MiB");
+  if (!dtypes.empty()) {
+    results = dtype_drift(dtypes, kinds, depths);
+    scales.clear(); // and skip the anchor sweep
+  } else {
+    fmt::print(
+        "{:>6} {:>5} {:>10} {:>10} {:>10} {:>7} {:>10} {:>10} {:>9}\n",
+        "blocks",
+        "scale",
+        "inverse",
+        "plain x",
+        "plain p",
+        "anchor",
+        "rev x",
+        "rev p",
+        "peak MiB");
+  }
   for (double scale : scales) {
     for (int64_t blocks : depths) {
       auto stage = make_stage(blocks, scale);
@@ -189,7 +312,10 @@ int main(int argc, char** argv) {
          {{"half_channels", kHalf},
           {"batch", kBatch},
           {"size", kSize},
-          {"block", "BN(eval)-ReLU-conv3x3 for F and G"}}},
+          {"block", "BN(eval)-ReLU-conv3x3 for F and G"},
+          {"transformer_block",
+           "RevTransformerBlock, 32 + 32 features, 4 heads, MLP 4x, 16 "
+           "tokens, eval mode"}}},
         {"results", results}};
     const std::string tmp = json_path + ".tmp";
     {

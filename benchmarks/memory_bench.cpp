@@ -46,6 +46,7 @@ struct Config {
   std::string mode; // reversible, stored, checkpointed, hybrid
   std::vector<int64_t> units; // sweep only
   int64_t batch = 32;
+  int64_t depth = 0; // transformers: blocks (0: the model's own)
 };
 
 struct Sample {
@@ -100,7 +101,8 @@ std::shared_ptr<torchrev::models::ImageClassifier> build(const Config& c) {
       c.model,
       torchrev::models::ZooOptions()
           .mode(stage_mode(c.mode))
-          .checkpoint_transitions(c.mode == "hybrid"));
+          .checkpoint_transitions(c.mode == "hybrid")
+          .depth(c.depth));
 }
 
 class Meter {
@@ -296,7 +298,7 @@ int main(int argc, char** argv) {
   std::string models =
       "resnet32,resnet110,resnet164,revnet38,revnet110,revnet164";
   std::string modes = "reversible,stored,checkpointed,hybrid";
-  std::string sweep_units;
+  std::string sweep_units, depths;
   std::string sweep_modes = "reversible,stored";
   int64_t stage_blocks = 0;
   int64_t batch = 32, steps = 3, repeats = 3;
@@ -327,6 +329,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--device", device_name, "cpu or cuda")->capture_default_str();
   app.add_option("--json", json_path, "write the results as JSON to this file");
+  app.add_option(
+      "--depth",
+      depths,
+      "transformers (vit_mini, revvit_mini): comma-separated numbers of "
+      "blocks to measure, e.g. 6,12,24 (default: the model's own)");
   app.add_option(
       "--sweep-units",
       sweep_units,
@@ -389,13 +396,28 @@ int main(int argc, char** argv) {
       }
     } else {
       const auto names = torchrev::models::model_names();
+      std::vector<int64_t> depth_list;
+      for (const auto& d : split_list(depths)) {
+        const int64_t n = std::stoll(d);
+        TORCH_CHECK(n >= 1, "--depth: each entry must be >= 1, got ", n);
+        depth_list.push_back(n);
+      }
       for (const auto& m : split_list(models)) {
         TORCH_CHECK(
             std::find(names.begin(), names.end(), m) != names.end(),
             "--models: unknown model '",
             m,
             "'");
-        if (torchrev::models::is_revnet(m)) {
+        using torchrev::models::is_transformer;
+        std::vector<int64_t> model_depths = {0};
+        if (is_transformer(m) && !depth_list.empty()) {
+          model_depths = depth_list;
+        }
+        for (const int64_t depth : model_depths) {
+          if (!torchrev::models::is_reversible(m)) {
+            configs.push_back({m, "stored", {}, batch, depth});
+            continue;
+          }
           for (const auto& mode : split_list(modes)) {
             TORCH_CHECK(
                 mode == "reversible" || mode == "stored" ||
@@ -403,13 +425,13 @@ int main(int argc, char** argv) {
                 "--modes: unknown mode '",
                 mode,
                 "'");
-            if (mode == "hybrid" && torchrev::models::is_fully_reversible(m)) {
+            if (mode == "hybrid" &&
+                (torchrev::models::is_fully_reversible(m) ||
+                 is_transformer(m))) {
               continue; // no transition blocks to checkpoint
             }
-            configs.push_back({m, mode, {}, batch});
+            configs.push_back({m, mode, {}, batch, depth});
           }
-        } else {
-          configs.push_back({m, "stored", {}, batch});
         }
       }
     }
@@ -448,6 +470,8 @@ int main(int argc, char** argv) {
         name = fmt::format("stage-{}", c.units[0]);
       } else if (!c.units.empty()) {
         name = fmt::format("revnet-{}x3", c.units[0]);
+      } else if (c.depth > 0) {
+        name = fmt::format("{}-d{}", c.model, c.depth);
       }
       fmt::print(
           "{:<14} {:<13} {:>6} {:>10} {:>14.1f} {:>10.3f} {:>11.1f}\n",
@@ -471,6 +495,9 @@ int main(int argc, char** argv) {
           {"step_seconds_all", s.seconds}};
       if (!c.units.empty()) {
         row["units_per_stage"] = c.units[0];
+      }
+      if (c.depth > 0) {
+        row["depth"] = c.depth;
       }
       results.push_back(row);
     }

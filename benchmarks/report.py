@@ -2,8 +2,8 @@
 """Turns memory_bench's JSON results into Markdown tables and gnuplot data.
 
 Usage: report.py RESULTS_DIR
-Reads cpu_zoo.json, cpu_zoo_inv.json, cpu_depth_sweep.json, cpu_batch128.json, cpu_budget.json
-and cpu_drift.json (those present)
+Reads cpu_zoo.json, cpu_zoo_inv.json, cpu_vit.json, cpu_depth_sweep.json, cpu_batch128.json, cpu_budget.json
+cpu_drift.json and cpu_drift_dtypes.json (those present)
 and writes results.md, zoo.tsv and depth_sweep.tsv beside them. Every number
 comes from the JSON; nothing is typed in by hand.
 """
@@ -31,6 +31,21 @@ def drift_table(doc):
             r["anchor_every"] if r["anchor_every"] else "none",
             e(r["grad_x_error"]), e(r["grad_params_error"]),
             r["peak_activation_bytes"] / MIB))
+    return "\n".join(out)
+
+
+def dtype_drift_table(doc):
+    """Reconstruction drift measured by stages with track_drift."""
+    def e(value):
+        return "nan" if value is None else "{:.1e}".format(value)
+    out = ["| blocks | kind | dtype | worst reconstructed input (member) | reversible grad x / params "
+           "| plain grad x / params |",
+           "|---:|---|---|---:|---:|---:|"]
+    for r in doc["results"]:
+        out.append("| {} | {} | {} | {} ({}) | {} / {} | {} / {} |".format(
+            r["blocks"], r["kind"], r["dtype"], e(r["worst_input_error"]), r["worst_member"],
+            e(r["grad_x_error"]), e(r["grad_params_error"]),
+            e(r["plain_grad_x_error"]), e(r["plain_grad_params_error"])))
     return "\n".join(out)
 
 
@@ -87,6 +102,29 @@ def inv_table(doc):
             r["model"], r["mode"], r["params"], r["peak_activation_bytes"] / MIB,
             r["peak_activation_bytes"] / base["peak_activation_bytes"],
             r["step_seconds"], r["step_seconds"] / base["step_seconds"]))
+    return "\n".join(out)
+
+
+def vit_table(doc):
+    """RevViT (reversible) against ViT (stored) of the same size, per depth."""
+    index = {(r["model"].split("-d")[0], r.get("depth", 0), r["mode"]): r
+             for r in doc["results"]}
+    depths = sorted({r.get("depth", 0) for r in doc["results"]})
+    out = ["| depth | ViT peak MiB | RevViT peak MiB | ratio | ViT step s | RevViT step s | ratio "
+           "| RevViT stored MiB | RevViT checkpointed MiB |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for d in depths:
+        vit, rev = index.get(("vit_mini", d, "stored")), index.get(("revvit_mini", d, "reversible"))
+        if not (vit and rev):
+            continue
+        stored = index.get(("revvit_mini", d, "stored"))
+        ckpt = index.get(("revvit_mini", d, "checkpointed"))
+        out.append("| {} | {:.1f} | {:.1f} | {:.3f} | {:.3f} | {:.3f} | {:.2f} | {} | {} |".format(
+            d, vit["peak_activation_bytes"] / MIB, rev["peak_activation_bytes"] / MIB,
+            rev["peak_activation_bytes"] / vit["peak_activation_bytes"],
+            vit["step_seconds"], rev["step_seconds"], rev["step_seconds"] / vit["step_seconds"],
+            "{:.1f}".format(stored["peak_activation_bytes"] / MIB) if stored else "-",
+            "{:.1f}".format(ckpt["peak_activation_bytes"] / MIB) if ckpt else "-"))
     return "\n".join(out)
 
 
@@ -150,6 +188,11 @@ def main():
         md += ["## Fully reversible RevNets, batch {}".format(doc["results"][0]["batch"]), "",
                "Command: `{}`".format(doc["command"]), "",
                inv_table(doc), "", zoo_table(doc), ""]
+    vit_path = os.path.join(d, "cpu_vit.json")
+    if os.path.exists(vit_path):
+        doc = load(vit_path)
+        md += ["## Vision transformers, batch {}".format(doc["results"][0]["batch"]), "",
+               "Command: `{}`".format(doc["command"]), "", vit_table(doc), ""]
     sweep_path = os.path.join(d, "cpu_depth_sweep.json")
     if os.path.exists(sweep_path):
         doc = load(sweep_path)
@@ -181,6 +224,13 @@ def main():
                    c["block"], c["half_channels"], c["half_channels"], c["batch"],
                    c["size"], c["size"]),
                "Command: `{}`".format(doc["command"]), "", drift_table(doc), ""]
+    dtype_drift_path = os.path.join(d, "cpu_drift_dtypes.json")
+    if os.path.exists(dtype_drift_path):
+        doc = load(dtype_drift_path)
+        md += ["## Drift measured by the stage (track_drift), float32 and bfloat16", "",
+               "Errors against float64 plain autograd (gradients) and against the forward's "
+               "own values (inputs), max |a - b| / max |b|; eval mode.",
+               "Command: `{}`".format(doc["command"]), "", dtype_drift_table(doc), ""]
     with open(os.path.join(d, "results.md"), "w") as f:
         f.write("\n".join(md))
 

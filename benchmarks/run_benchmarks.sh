@@ -24,6 +24,9 @@ threads=${THREADS:-2}
 "$bench" --models resnet110,revnet110,revnet38_inv,revnet110_inv,revnet164_inv \
   --modes reversible,stored,checkpointed,hybrid --batch 32 --steps 3 --repeats 3 \
   --threads "$threads" --json "$out/cpu_zoo_inv.json" | tee "$out/cpu_zoo_inv.txt"
+"$bench" --models vit_mini,revvit_mini --modes reversible,stored,checkpointed \
+  --depth 6,12,24 --batch 64 --steps 3 --repeats 3 --threads "$threads" \
+  --json "$out/cpu_vit.json" | tee "$out/cpu_vit.txt"
 "$bench" --models resnet110,revnet110,revnet110_inv --modes reversible,hybrid --batch 128 \
   --steps 1 --repeats 3 --threads "$threads" \
   --json "$out/cpu_batch128.json" | tee "$out/cpu_batch128.txt"
@@ -34,6 +37,10 @@ threads=${THREADS:-2}
 "$TORCHREV_BUILD/benchmarks/drift_bench" --blocks 16,64,256 \
   --anchors 0,8,16,32 --scales 1,3 --threads "$threads" \
   --json "$out/cpu_drift.json" | tee "$out/cpu_drift.txt"
+# The drift stages measure themselves in float32 and bfloat16.
+"$TORCHREV_BUILD/benchmarks/drift_bench" --blocks 16,64,256 \
+  --dtypes float32,bfloat16 --kinds conv,transformer --threads "$threads" \
+  --json "$out/cpu_drift_dtypes.json" | tee "$out/cpu_drift_dtypes.txt"
 # Peak RSS of building each model alone (the baseline for maxrss_kib).
 for m in resnet110 revnet110; do
   "$bench" --models "$m" --modes reversible --steps 0 --json "$out/cpu_rss_$m.json" >/dev/null

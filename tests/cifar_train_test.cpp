@@ -201,6 +201,62 @@ TEST(CifarTrainCli, FullyReversibleRevNet110Trains) {
       << result.output;
 }
 
+TEST(CifarTrainCli, TransformersTrainOn32And28PixelImagesWithAdamW) {
+  if (cifar_train_path().empty()) {
+    GTEST_SKIP() << "examples are not built";
+  }
+  Scratch scratch;
+  write_cifar10_dir(scratch.dir / "cifar", 8, 4);
+  // A Fashion-MNIST folder of 28x28 images.
+  const auto fashion = scratch.dir / "fashion";
+  fs::create_directories(fashion);
+  for (const std::string split : {"train", "t10k"}) {
+    const uint32_t n = 8;
+    torchrev::testing::write_idx_gz(
+        fashion / (split + "-labels-idx1-ubyte.gz"),
+        {0x801, n},
+        std::vector<uint8_t>(n, 3));
+    std::vector<uint8_t> pixels(n * 28 * 28);
+    for (size_t i = 0; i < pixels.size(); ++i) {
+      pixels[i] = static_cast<uint8_t>(i * 7);
+    }
+    torchrev::testing::write_idx_gz(
+        fashion / (split + "-images-idx3-ubyte.gz"),
+        {0x803, n, 28, 28},
+        pixels);
+  }
+  for (const std::string model : {"vit_mini", "revvit_mini"}) {
+    for (const auto& data :
+         {std::string(" --data-dir ") + (scratch.dir / "cifar").string(),
+          " --dataset fashion-mnist --data-dir " + fashion.string()}) {
+      SCOPED_TRACE(model + data);
+      const auto checkpoint = scratch.dir / (model + ".pt");
+      fs::remove(checkpoint);
+      const std::string common = cifar_train_path() + data + " --model " +
+          model + " --batch-size 4 --max-steps 2 --threads 1 --checkpoint " +
+          checkpoint.string();
+      auto result = run(common);
+      ASSERT_EQ(result.exit_code, 0) << result.output;
+      EXPECT_NE(result.output.find("model " + model + " ("), std::string::npos)
+          << result.output;
+      EXPECT_NE(
+          result.output.find("AdamW with peak lr 0.002"), std::string::npos)
+          << result.output;
+      EXPECT_FALSE(value_of(result.output, "test_accuracy").empty())
+          << result.output;
+      // The optimizer is one of the run's settings.
+      auto resumed = run(common + " --resume --optimizer sgd");
+      EXPECT_NE(resumed.exit_code, 0) << resumed.output;
+      EXPECT_NE(
+          resumed.output.find(
+              "was written with --optimizer adamw, but this run has "
+              "--optimizer sgd"),
+          std::string::npos)
+          << resumed.output;
+    }
+  }
+}
+
 TEST(CifarTrainCli, DiskFullDuringACheckpointLosesNothing) {
   if (cifar_train_path().empty()) {
     GTEST_SKIP() << "examples are not built";

@@ -179,3 +179,28 @@ TEST(Readme, ConvertingAStageWithACheckpointedTransition) {
       std::string::npos)
       << printed.str();
 }
+
+TEST(Readme, CheckingYourOwnBlock) {
+  torch::manual_seed(0);
+  torchrev::RevSequential stage(MyBlock(8), MyBlock(8));
+  auto report = torchrev::check_stage(stage, torch::randn({4, 16}));
+  std::ostringstream printed;
+  printed << report; // one line per check; the first failure on top
+  EXPECT_TRUE(report.passed()) << printed.str();
+  EXPECT_EQ(report.first_failure(), nullptr);
+  EXPECT_NE(printed.str().find("ok    member 1 ("), std::string::npos)
+      << printed.str();
+  EXPECT_NE(printed.str().find("ok    stage: forward"), std::string::npos)
+      << printed.str();
+}
+
+TEST(Readme, TransformersFromTheZoo) {
+  // "Model zoo": a reversible ViT for 28x28 images, deeper than the zoo's.
+  torchrev::models::RevViT net(
+      torchrev::models::ViTOptions().image_size(28).in_channels(1).depth(12));
+  auto images = torch::randn({2, 1, 28, 28});
+  auto logits = net(images);
+  EXPECT_EQ(logits.sizes(), torch::IntArrayRef({2, 10}));
+  logits.sum().backward();
+  EXPECT_TRUE(net->embedding->patches->weight.grad().defined());
+}

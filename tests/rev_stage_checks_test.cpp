@@ -335,3 +335,130 @@ TEST(RevStageChecks, TwoThreadsTrainingOneStageLoseNoBatchNormStatistics) {
   torch::NoGradGuard no_grad;
   EXPECT_NO_THROW(stage(torch::randn({2, 4, 8, 8})));
 }
+
+namespace {
+
+/// A member whose inverse is off by 1e-3.
+struct OffByAMilliImpl : torchrev::InvertibleModule {
+  torch::Tensor forward(const torch::Tensor& x) override {
+    return x * 2;
+  }
+  torch::Tensor inverse(const torch::Tensor& y) override {
+    return y / 2 + 1e-3;
+  }
+};
+TORCH_MODULE(OffByAMilli);
+
+torchrev::RevBlock<torch::nn::Sequential, torch::nn::Sequential> tanh_block(
+    int64_t half) {
+  return torchrev::RevBlock<torch::nn::Sequential, torch::nn::Sequential>(
+      torch::nn::Sequential(torch::nn::Linear(half, half), torch::nn::Tanh()),
+      torch::nn::Sequential(torch::nn::Linear(half, half), torch::nn::Tanh()));
+}
+
+} // namespace
+
+TEST(DriftDiagnostics, MeasuresEveryReconstructedInputAndNamesTheWorst) {
+  torch::manual_seed(90);
+  torchrev::RevSequential stage(
+      torchrev::RevSequentialOptions().track_drift(true));
+  for (int b = 0; b < 4; ++b) {
+    stage->push_back(tanh_block(3));
+  }
+  stage->push_back(OffByAMilli());
+  stage->push_back(tanh_block(3));
+  stage->to(torch::kFloat64);
+  EXPECT_TRUE(stage->drift().input_errors.empty());
+
+  auto x = torch::randn({5, 6}, torch::kFloat64).requires_grad_(true);
+  stage(x).pow(2).sum().backward();
+  const auto drift = stage->drift();
+  ASSERT_EQ(drift.input_errors.size(), 6u);
+  for (size_t i = 0; i < 6; ++i) {
+    SCOPED_TRACE(i);
+    // Member 5's input is rebuilt by an exact block; member 4's inverse is
+    // off by 1e-3, so its input is rebuilt wrong, and the error carries down
+    // to the inputs of members 0 to 3.
+    if (i <= 4) {
+      EXPECT_GT(drift.input_errors[i], 1e-4);
+    } else {
+      EXPECT_LT(drift.input_errors[i], 1e-12);
+    }
+  }
+  EXPECT_GE(drift.worst_member, 0);
+  EXPECT_LE(drift.worst_member, 4);
+  EXPECT_NE(
+      drift.worst_name.find("block " + std::to_string(drift.worst_member)),
+      std::string::npos)
+      << drift.worst_name;
+}
+
+TEST(DriftDiagnostics, LeavesGradientsAloneAndIsTinyInFloat64) {
+  torch::manual_seed(91);
+  torchrev::RevSequential plain;
+  for (int b = 0; b < 8; ++b) {
+    plain->push_back(tanh_block(4));
+  }
+  plain->to(torch::kFloat64);
+  auto tracked =
+      std::dynamic_pointer_cast<torchrev::RevSequentialImpl>(plain->clone());
+  tracked->options.track_drift(true);
+  auto input = torch::randn({3, 8}, torch::kFloat64);
+  std::vector<torch::Tensor> grads[2];
+  torch::Tensor input_grads[2];
+  int k = 0;
+  for (auto* stage : {plain.get(), tracked.get()}) {
+    auto x = input.clone().requires_grad_(true);
+    stage->forward(x).pow(2).sum().backward();
+    input_grads[k] = x.grad();
+    for (const auto& p : stage->parameters()) {
+      grads[k].push_back(p.grad());
+    }
+    ++k;
+  }
+  EXPECT_TRUE(input_grads[1].equal(input_grads[0]));
+  for (size_t i = 0; i < grads[0].size(); ++i) {
+    EXPECT_TRUE(grads[1][i].equal(grads[0][i])) << i;
+  }
+  const auto drift = tracked->drift();
+  ASSERT_EQ(drift.input_errors.size(), 8u);
+  for (size_t i = 0; i < 8; ++i) {
+    EXPECT_GE(drift.input_errors[i], 0.0) << i;
+    EXPECT_LT(drift.input_errors[i], 1e-12) << i;
+  }
+  EXPECT_LT(drift.worst_error, 1e-12);
+  EXPECT_TRUE(plain->drift().input_errors.empty());
+  std::ostringstream printed;
+  tracked->pretty_print(printed);
+  EXPECT_EQ(printed.str(), "torchrev::RevSequential(track_drift=true)");
+}
+
+TEST(DriftDiagnostics, AnchorsAreKeptNotRebuiltAndTheReportFollowsTheOption) {
+  torch::manual_seed(92);
+  torchrev::RevSequential stage(
+      torchrev::RevSequentialOptions().anchor_every(2).track_drift(true));
+  for (int b = 0; b < 6; ++b) {
+    stage->push_back(tanh_block(2));
+  }
+  stage->to(torch::kFloat64);
+  auto x = torch::randn({3, 4}, torch::kFloat64).requires_grad_(true);
+  auto y = stage(x);
+  // Before the backward: nothing measured yet.
+  EXPECT_EQ(stage->drift().input_errors, std::vector<double>(6, -1.0));
+  y.sum().backward();
+  const auto errors = stage->drift().input_errors;
+  ASSERT_EQ(errors.size(), 6u);
+  for (size_t i = 0; i < 6; ++i) {
+    SCOPED_TRACE(i);
+    if (i == 2 || i == 4) { // the outputs of anchors 1 and 3: kept
+      EXPECT_EQ(errors[i], -1.0);
+    } else {
+      EXPECT_GE(errors[i], 0.0);
+      EXPECT_LT(errors[i], 1e-12);
+    }
+  }
+  // Turned off, the next training forward leaves no report behind.
+  stage->options.track_drift(false);
+  stage(x).sum().backward();
+  EXPECT_TRUE(stage->drift().input_errors.empty());
+}

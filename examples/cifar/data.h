@@ -45,6 +45,10 @@ struct Dataset {
   int64_t channels() const {
     return train.images.size(1);
   }
+  /// Height (and width) of the images: 32 for CIFAR, 28 for Fashion-MNIST.
+  int64_t image_size() const {
+    return train.images.size(2);
+  }
 };
 
 namespace detail {

@@ -77,8 +77,9 @@ int main(int argc, char** argv) {
          "--model",
          config.model,
          "revnet_mini, revnet38, revnet110, revnet164, resnet32, resnet110, "
-         "resnet164, or a RevNet fully reversible: revnet_mini_inv, "
-         "revnet38_inv, revnet110_inv, revnet164_inv")
+         "resnet164, a RevNet fully reversible: revnet_mini_inv, "
+         "revnet38_inv, revnet110_inv, revnet164_inv, or a vision "
+         "transformer: vit_mini, revvit_mini (reversible)")
       ->capture_default_str();
   app.add_option(
          "--dataset",
@@ -100,7 +101,15 @@ int main(int argc, char** argv) {
   app.add_option(
          "--batch-size", config.batch_size, "images per step (per rank)")
       ->capture_default_str();
-  app.add_option("--lr", config.lr, "peak learning rate")
+  app.add_option(
+         "--optimizer",
+         config.optimizer,
+         "sgd or adamw; auto: AdamW for the transformers, SGD otherwise")
+      ->capture_default_str();
+  app.add_option(
+         "--lr",
+         config.lr,
+         "peak learning rate (0: 0.1 for SGD, 0.002 for AdamW)")
       ->capture_default_str();
   app.add_option(
          "--schedule",
@@ -109,7 +118,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--momentum", config.momentum, "SGD momentum")
       ->capture_default_str();
-  app.add_option("--weight-decay", config.weight_decay, "SGD weight decay")
+  app.add_option(
+         "--weight-decay",
+         config.weight_decay,
+         "weight decay (AdamW: decoupled)")
       ->capture_default_str();
   app.add_option(
          "--threads",
@@ -230,7 +242,7 @@ int main(int argc, char** argv) {
       fmt::print(
           stderr,
           "cifar_train: dataset {} ({} train / {} test images{}), model {} "
-          "({} parameters), {} steps of {} images{}\n",
+          "({} parameters), {} steps of {} images{}, {} with peak lr {}\n",
           data.name,
           data.train.size(),
           data.test.size(),
@@ -240,7 +252,9 @@ int main(int argc, char** argv) {
           trainer.total_steps(),
           config.batch_size,
           dist.enabled() ? fmt::format(" per rank on {} ranks", dist.world_size)
-                         : "");
+                         : "",
+          trainer.config().optimizer == "adamw" ? "AdamW" : "SGD",
+          trainer.config().lr);
     }
     if (trainer.is_main_rank() && trainer.resumed_from() >= 0) {
       fmt::print(

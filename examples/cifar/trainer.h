@@ -41,7 +41,9 @@ struct TrainConfig {
   int64_t epochs = 0; // 0: bounded by max_steps only
   int64_t max_steps = 0; // 0: bounded by epochs only; both 0: kDefaultSteps
   int64_t batch_size = 128; // per rank
-  double lr = 0.1; // peak learning rate
+  /// sgd or adamw; auto: AdamW for the transformers, SGD for the others.
+  std::string optimizer = "auto";
+  double lr = 0.0; // peak learning rate; 0: 0.1 for SGD, 0.002 for AdamW
   std::string schedule = "onecycle"; // step, cosine or onecycle
   double momentum = 0.9;
   double weight_decay = 5e-4;
@@ -161,6 +163,13 @@ class Trainer {
  public:
   explicit Trainer(TrainConfig config) : config_(std::move(config)) {
     validate();
+    if (config_.optimizer == "auto") {
+      config_.optimizer =
+          torchrev::models::is_transformer(config_.model) ? "adamw" : "sgd";
+    }
+    if (config_.lr == 0.0) {
+      config_.lr = config_.optimizer == "adamw" ? 2e-3 : 0.1;
+    }
     if (config_.threads > 0) {
       torch::set_num_threads(config_.threads);
     }
@@ -196,16 +205,24 @@ class Trainer {
         config_.model,
         torchrev::models::ZooOptions()
             .in_channels(dataset_.channels())
-            .num_classes(dataset_.num_classes));
+            .num_classes(dataset_.num_classes)
+            .image_size(dataset_.image_size()));
     model_->to(device_);
     if (config_.channels_last) {
       torchrev::models::use_channels_last(*model_);
     }
-    optimizer_ = std::make_unique<torch::optim::SGD>(
-        model_->parameters(),
-        torch::optim::SGDOptions(config_.lr)
-            .momentum(config_.momentum)
-            .weight_decay(config_.weight_decay));
+    if (config_.optimizer == "adamw") {
+      optimizer_ = std::make_unique<torch::optim::AdamW>(
+          model_->parameters(),
+          torch::optim::AdamWOptions(config_.lr)
+              .weight_decay(config_.weight_decay));
+    } else {
+      optimizer_ = std::make_unique<torch::optim::SGD>(
+          model_->parameters(),
+          torch::optim::SGDOptions(config_.lr)
+              .momentum(config_.momentum)
+              .weight_decay(config_.weight_decay));
+    }
 
     const int world = config_.distributed.world_size;
     const int64_t shard = (dataset_.train.size() + world - 1) / world;
@@ -256,6 +273,11 @@ class Trainer {
   const Dataset& dataset() const {
     return dataset_;
   }
+  /// The run's configuration, defaults resolved (`optimizer`, `lr`).
+  const TrainConfig& config() const {
+    return config_;
+  }
+
   std::shared_ptr<torchrev::models::ImageClassifier> model() const {
     return model_;
   }
@@ -299,7 +321,7 @@ class Trainer {
       const int64_t epoch = step / steps_per_epoch_;
       const double lr = learning_rate(config_, step, total_steps_);
       for (auto& group : optimizer_->param_groups()) {
-        static_cast<torch::optim::SGDOptions&>(group.options()).lr(lr);
+        group.options().set_lr(lr);
       }
       auto [images, labels] = train_batch(step);
       detail::zero_grad_in_place(*optimizer_);
@@ -576,9 +598,16 @@ class Trainer {
     non_negative("--checkpoint-every", config_.checkpoint_every);
     non_negative("--stop-after", config_.stop_after);
     non_negative("--threads", config_.threads);
-    if (!std::isfinite(config_.lr) || config_.lr <= 0.0) {
+    if (!std::isfinite(config_.lr) || config_.lr < 0.0) {
       fail(fmt::format(
-          "--lr {}: expected a finite positive number", config_.lr));
+          "--lr {}: expected a finite positive number (or 0: 0.1 for SGD, "
+          "0.002 for AdamW)",
+          config_.lr));
+    }
+    if (config_.optimizer != "auto" && config_.optimizer != "sgd" &&
+        config_.optimizer != "adamw") {
+      fail(
+          "--optimizer " + config_.optimizer + ": expected auto, sgd or adamw");
     }
     if (!std::isfinite(config_.momentum) || config_.momentum < 0.0) {
       fail(fmt::format(
@@ -716,6 +745,7 @@ class Trainer {
     return {
         {"--batch-size", std::to_string(config_.batch_size)},
         {"--seed", std::to_string(config_.seed)},
+        {"--optimizer", config_.optimizer},
         {"--lr", fmt::format("{:.17g}", config_.lr)},
         {"--schedule", config_.schedule},
         {"--momentum", fmt::format("{:.17g}", config_.momentum)},
@@ -889,7 +919,16 @@ class Trainer {
           d->flag,
           d->ours));
     }
-    if (matched != current.size()) {
+    // Checkpoints written before --optimizer existed record none: SGD.
+    const bool before_optimizer_flag =
+        settings.toStringRef().find("--optimizer ") == std::string::npos;
+    if (before_optimizer_flag && config_.optimizer != "sgd") {
+      fail(fmt::format(
+          "was written with --optimizer sgd, but this run has --optimizer {}; "
+          "resume with the run's settings",
+          config_.optimizer));
+    }
+    if (matched + (before_optimizer_flag ? 1 : 0) != current.size()) {
       fail("records incomplete settings (not a checkpoint of this version)");
     }
     torch::serialize::InputArchive model_archive, optimizer_archive;
@@ -937,7 +976,7 @@ class Trainer {
   Dataset dataset_;
   bool augment_ = false;
   std::shared_ptr<torchrev::models::ImageClassifier> model_;
-  std::unique_ptr<torch::optim::SGD> optimizer_;
+  std::unique_ptr<torch::optim::Optimizer> optimizer_;
   std::unique_ptr<DataParallel> parallel_;
   int64_t steps_per_epoch_ = 0;
   int64_t total_steps_ = 0;

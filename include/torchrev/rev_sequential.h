@@ -51,6 +51,14 @@ struct RevSequentialOptions {
   ///
   /// Example: `RevSequentialOptions().anchor_every(16)`.
   TORCH_ARG(int64_t, anchor_every) = 0;
+
+  /// Drift diagnostics: in training, keep every member's output as the
+  /// forward computed it, and in backward measure how far each reconstructed
+  /// member input is from it; `drift()` reports the last backward's errors
+  /// and the worst member. This keeps all activations, like plain autograd:
+  /// turn it on to decide whether a deep, low-precision stage needs anchors
+  /// (or checkpointing), not for training runs. Gradients are unchanged.
+  TORCH_ARG(bool, track_drift) = false;
 };
 
 /// A stage of reversible blocks trained without storing activations.
@@ -199,6 +207,11 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
         "positive, but got ",
         options.anchor_every());
     state->anchor_every = options.anchor_every();
+    drift_.reset();
+    if (options.track_drift()) {
+      state->drift = std::make_shared<DriftReport>();
+      drift_ = state->drift;
+    }
     state->resize();
     torch::autograd::variable_list h{x};
     for (size_t i = 0; i < blocks_.size(); ++i) {
@@ -209,6 +222,13 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
           torch::TensorList(params[i]));
     }
     return h[0];
+  }
+
+  /// With `options.track_drift`, what the first backward of the last
+  /// training forward's graph measured (every error -1 until it has run;
+  /// an empty report without the option).
+  DriftReport drift() const {
+    return drift_ ? *drift_ : DriftReport();
   }
 
   /// Reconstructs the stage input from its output, last block first. Exact up
@@ -303,6 +323,10 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
       stream << separator << "anchor_every=" << options.anchor_every();
       separator = ", ";
     }
+    if (options.track_drift()) {
+      stream << separator << "track_drift=true";
+      separator = ", ";
+    }
     if (separator[0] == ',') {
       stream << ")";
     }
@@ -328,6 +352,7 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
   }
 
   std::vector<std::shared_ptr<InvertibleModule>> blocks_;
+  std::shared_ptr<DriftReport> drift_;
 };
 
 /// Holder of a `RevSequentialImpl`; see there.

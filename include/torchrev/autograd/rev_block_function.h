@@ -71,6 +71,7 @@
 #include <torchrev/detail/outside_dependencies.h>
 #include <torchrev/detail/replay_checks.h>
 #include <torchrev/detail/rng_state.h>
+#include <torchrev/drift.h>
 #include <torchrev/invertible_module.h>
 #include <torchrev/recompute.h>
 
@@ -78,6 +79,7 @@
 #include <torch/autograd.h>
 #include <torch/types.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -140,6 +142,12 @@ struct RevStageState : torch::CustomClassHolder {
   std::vector<std::vector<uint32_t>> param_versions;
   /// The autocast state of the forward.
   detail::AutocastState autocast;
+  /// With drift tracking (`RevSequentialOptions::track_drift`): each
+  /// member's input as the forward computed it (none after an anchor, which
+  /// keeps it anyway), and the report the backward fills by comparing its
+  /// reconstructions with them. Both empty otherwise: nothing is kept.
+  std::vector<torch::Tensor> forward_inputs;
+  std::shared_ptr<DriftReport> drift;
 
   // Filled by the backward.
 
@@ -169,6 +177,33 @@ struct RevStageState : torch::CustomClassHolder {
     params.assign(n, {});
     param_versions.assign(n, {});
     reconstructed.assign(n, Halves());
+    if (drift) {
+      forward_inputs.assign(n, torch::Tensor());
+      drift->input_errors.assign(n, -1.0);
+    }
+  }
+
+  /// With drift tracking: compares `rebuilt`, member j's input as the
+  /// backward reconstructed it, with the forward's, and releases the
+  /// forward's (a second backward of the same graph measures nothing).
+  void measure_drift(size_t j, const torch::Tensor& rebuilt) {
+    if (!drift || !forward_inputs[j].defined() || !rebuilt.defined()) {
+      return;
+    }
+    torch::NoGradGuard no_grad;
+    const auto reference = forward_inputs[j].to(torch::kFloat64);
+    const double scale = reference.abs().max().item<double>();
+    const double diff =
+        (rebuilt.to(torch::kFloat64) - reference).abs().max().item<double>();
+    const double error = scale == 0.0 ? diff : diff / scale;
+    forward_inputs[j] = torch::Tensor();
+    drift->input_errors[j] = error;
+    // NaN is the worst, and stays so.
+    if (!std::isnan(drift->worst_error) && !(error <= drift->worst_error)) {
+      drift->worst_error = error;
+      drift->worst_member = static_cast<int64_t>(j);
+      drift->worst_name = names[j];
+    }
   }
 };
 
@@ -226,6 +261,13 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
         i == 0 ? detail::RngState() : state->rng_before_g[i - 1];
     ctx->saved_data["state"] = c10::IValue::make_capsule(state);
     ctx->saved_data["index"] = index;
+    if (state->drift && (i == 0 || !state->keeps_output(i - 1))) {
+      // Drift tracking: the input as computed, to compare the backward's
+      // reconstruction with (an anchor's output is kept, not rebuilt).
+      state->forward_inputs[i] = num_inputs == 1
+          ? inputs[0].detach()
+          : torch::cat({inputs[0], inputs[1]}, state->split_dims[i - 1]);
+    }
 
     CouplingBlockBase* block = state->couplings[i];
     if (block == nullptr) {
@@ -357,6 +399,9 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
           ": its output was not reconstructed before its backward; the "
           "blocks of a stage must be back-propagated from the stage output, "
           "last block first");
+      if (state->drift) {
+        state->measure_drift(i + 1, torch::cat({y.first, y.second}, y.dim));
+      }
       take_gradients();
     }
     detail::check_training_flags(block, state->training[i], where);
@@ -474,6 +519,9 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       }
     }
 
+    if (i == 0 && state->drift && x.first.defined() && x.second.defined()) {
+      state->measure_drift(0, torch::cat({x.first, x.second}, dim));
+    }
     if (num_inputs == 1) {
       // The stage input, or the output of a member that is not a coupling
       // block: the gradient is joined. The stage input itself is the
@@ -567,6 +615,7 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
           ": its output was not reconstructed before its backward; the "
           "members of a stage must be back-propagated from the stage output, "
           "last first");
+      state.measure_drift(i + 1, y);
     }
     torch::Tensor dy = std::move(grad_outputs[0]);
     detail::check_training_flags(member, state.training[i], where);
@@ -614,6 +663,9 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       dy = torch::Tensor();
       dx = std::move(member_grads[0]);
       accumulate(grads, first_param, member_grads);
+    }
+    if (i == 0) {
+      state.measure_drift(0, x);
     }
     const bool previous_needs_x = num_inputs == 2
         ? ctx->needs_input_grad(0) || ctx->needs_input_grad(1)

@@ -20,12 +20,21 @@ class RngState {
  public:
   RngState() = default;
 
+  /// The default generators a computation on `device` draws from: the
+  /// CPU's, and the device's own.
+  static std::vector<at::Generator> generators(const c10::Device& device) {
+    std::vector<at::Generator> used{at::detail::getDefaultCPUGenerator()};
+    if (!device.is_cpu()) {
+      used.push_back(at::globalContext().defaultGenerator(device));
+    }
+    return used;
+  }
+
   /// Captures the current state of the generators used on `device`.
   static RngState capture(const c10::Device& device) {
     RngState state;
-    state.add(at::detail::getDefaultCPUGenerator());
-    if (!device.is_cpu()) {
-      state.add(at::globalContext().defaultGenerator(device));
+    for (auto& generator : generators(device)) {
+      state.add(std::move(generator));
     }
     return state;
   }

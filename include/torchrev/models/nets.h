@@ -319,6 +319,19 @@ class RevNetImpl : public detail::CloneableClassifier<RevNetImpl> {
     stream << "torchrev::models::RevNet";
   }
 
+  /// The stored transition block that opens stage `stage`, or nullptr if
+  /// the stage has none.
+  std::shared_ptr<RevTransitionBlockImpl> transition(size_t stage) const {
+    TORCH_CHECK(
+        stage < transition_index_.size(),
+        "torchrev::models::RevNet: no stage ",
+        stage);
+    const int64_t index = transition_index_[stage];
+    return index < 0
+        ? nullptr
+        : transitions->ptr<RevTransitionBlockImpl>(static_cast<size_t>(index));
+  }
+
   RevNetOptions options;
   torch::nn::Conv2d stem{nullptr};
   /// The stored (non-invertible) blocks that open stages.

@@ -12,12 +12,18 @@
 // | revnet164  | bottleneck | 9-9-9    | 32-32-64-128  |
 // | revnet_mini| basic      | 1-2-2    | 16-16-32-64   |
 //
+// | name        | blocks | dim (F, G) | heads | MLP    | patch |
+// |-------------|--------|------------|-------|--------|-------|
+// | vit_mini    | 6      | 64         | 4     | 2x dim | 4x4   |
+// | revvit_mini | 6      | 64 (2x64)  | 4     | 2x dim | 4x4   |
+//
 // revnet_mini is a width- and depth-reduced RevNet for quick runs (the
 // training example's default on Fashion-MNIST). Each RevNet also comes fully
 // reversible, as `<name>_inv` (`RevNetInv`: space-to-depth instead of the
 // stored transition blocks, the same widths and units).
 
 #include <torchrev/models/nets.h>
+#include <torchrev/models/transformer.h>
 
 #include <memory>
 #include <string>
@@ -36,6 +42,11 @@ struct ZooOptions {
   TORCH_ARG(StageMode, mode) = StageMode::kReversible;
   /// For RevNets: checkpoint the transition blocks too.
   TORCH_ARG(bool, checkpoint_transitions) = false;
+  /// For transformers: the height and width of the images (28 for
+  /// Fashion-MNIST, 32 for CIFAR); the other models take any size.
+  TORCH_ARG(int64_t, image_size) = 32;
+  /// For transformers: the number of blocks (0: the model's own).
+  TORCH_ARG(int64_t, depth) = 0;
 };
 
 /// The names `create` accepts, in table order.
@@ -51,7 +62,9 @@ inline std::vector<std::string> model_names() {
       "revnet38_inv",
       "revnet110_inv",
       "revnet164_inv",
-      "revnet_mini_inv"};
+      "revnet_mini_inv",
+      "vit_mini",
+      "revvit_mini"};
 }
 
 /// True for the names of fully reversible RevNets (`<name>_inv`).
@@ -64,6 +77,17 @@ inline bool is_fully_reversible(const std::string& name) {
 /// True for the names of RevNets, fully reversible ones included.
 inline bool is_revnet(const std::string& name) {
   return name.rfind("revnet", 0) == 0;
+}
+
+/// True for the names of vision transformers, reversible or not.
+inline bool is_transformer(const std::string& name) {
+  return name.rfind("vit", 0) == 0 || name.rfind("revvit", 0) == 0;
+}
+
+/// True for the names of models with reversible stages (RevNets and
+/// RevViTs): they run in any `StageMode`.
+inline bool is_reversible(const std::string& name) {
+  return is_revnet(name) || name.rfind("revvit", 0) == 0;
 }
 
 /// Builds the zoo model `name`. Throws a `c10::Error` that lists the valid
@@ -98,6 +122,23 @@ inline std::shared_ptr<ImageClassifier> create(
     }
     return std::make_shared<RevNetImpl>(std::move(revnet_options));
   };
+  TORCH_CHECK(
+      options.depth() >= 0,
+      "torchrev::models::create: depth must be >= 0 (0: the model's own), "
+      "got ",
+      options.depth());
+  auto vit_options = [&] {
+    return ViTOptions()
+        .image_size(options.image_size())
+        .in_channels(options.in_channels())
+        .num_classes(options.num_classes())
+        .depth(options.depth() > 0 ? options.depth() : ViTOptions().depth())
+        .mode(options.mode());
+  };
+  if (name == "vit_mini")
+    return std::make_shared<ViTImpl>(vit_options());
+  if (name == "revvit_mini")
+    return std::make_shared<RevViTImpl>(vit_options());
   const std::string base = inv ? name.substr(0, name.size() - 4) : name;
   if (name == "resnet32")
     return resnet({5, 5, 5}, false);
