@@ -75,17 +75,10 @@ struct Gradients {
 Gradients step(
     torchrev::RevSequential& stage,
     const torch::Tensor& input,
-    bool reversible) {
+    torchrev::StageMode mode) {
   stage->zero_grad();
   auto x = input.detach().clone().requires_grad_(true);
-  torch::Tensor y = x;
-  if (reversible) {
-    y = stage(x);
-  } else {
-    for (const auto& block : *stage) {
-      y = block->forward(y);
-    }
-  }
+  auto y = torchrev::run_stage(stage, x, mode);
   (y * y).mean().backward();
   std::vector<torch::Tensor> flat;
   for (const auto& p : stage->parameters()) {
@@ -154,16 +147,19 @@ nlohmann::json dtype_drift(
               base->clone()));
       reference->to(torch::kFloat64);
       const auto x = kind_input(kind);
-      const auto exact = step(reference, x.to(torch::kFloat64), false);
+      const auto exact =
+          step(reference, x.to(torch::kFloat64), torchrev::StageMode::kStored);
       for (const auto& dtype_name : dtypes) {
         const auto dtype = parse_dtype(dtype_name);
         auto stage = torchrev::RevSequential(
             std::dynamic_pointer_cast<torchrev::RevSequentialImpl>(
                 base->clone()));
         stage->to(dtype);
-        const auto plain = step(stage, x.to(dtype), false);
+        const auto plain =
+            step(stage, x.to(dtype), torchrev::StageMode::kStored);
         stage->options.track_drift(true);
-        const auto rev = step(stage, x.to(dtype), true);
+        const auto rev =
+            step(stage, x.to(dtype), torchrev::StageMode::kReversible);
         const auto drift = stage->drift();
         nlohmann::json row{
             {"dtype", dtype_name},
@@ -251,8 +247,9 @@ int main(int argc, char** argv) {
       reference->to(torch::kFloat64);
       torch::manual_seed(kSeed + 1);
       auto x = torch::randn({kBatch, 2 * kHalf, kSize, kSize});
-      const auto exact = step(reference, x.to(torch::kFloat64), false);
-      const auto plain = step(stage, x, false);
+      const auto exact =
+          step(reference, x.to(torch::kFloat64), torchrev::StageMode::kStored);
+      const auto plain = step(stage, x, torchrev::StageMode::kStored);
       double inverse_error = 0.0;
       {
         torch::NoGradGuard no_grad;
@@ -261,10 +258,14 @@ int main(int argc, char** argv) {
       }
       for (int64_t every : anchors) {
         stage->options.anchor_every(every);
-        step(stage, x, true); // warm-up: the .grad tensors exist afterwards
+        step(
+            stage,
+            x,
+            torchrev::StageMode::kReversible); // warm-up: the .grad tensors
+                                               // exist afterwards
         const size_t before = meter.current_bytes();
         meter.reset_peak();
-        const auto rev = step(stage, x, true);
+        const auto rev = step(stage, x, torchrev::StageMode::kReversible);
         const size_t peak = meter.peak_bytes() - before;
         nlohmann::json row{
             {"blocks", blocks},

@@ -22,7 +22,8 @@ if ((${#missing[@]})); then
     --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-CXX=clang++ cmake -S "$root/fuzz" -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
+CXX=clang++ cmake -S "$root/fuzz" -B "$build" -DCMAKE_BUILD_TYPE=Release \
+  -DTORCHREV_WERROR="${TORCHREV_WERROR:-OFF}" >/dev/null
 cmake --build "$build" -j"$(nproc 2>/dev/null || echo 2)"
 for target in cifar idx sealed; do
   scratch="$build/corpus-$target"

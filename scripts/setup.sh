@@ -21,8 +21,10 @@ TORCHREV_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TORCHREV_LIBTORCH=${TORCHREV_LIBTORCH:-system}
 build_given=${TORCHREV_BUILD:+yes}
 
-packages=(cmake g++ make ccache libgtest-dev libfmt-dev libcli11-dev
+packages=(cmake g++ make ccache libgtest-dev libgmock-dev libfmt-dev libcli11-dev
   zlib1g-dev nlohmann-json3-dev dataset-fashion-mnist doxygen
+  # The Lint.ClangFormat and Lint.ClangTidy tests.
+  clang-format clang-tidy
   # tcmalloc for the examples and benchmarks (lower RSS, faster steps).
   libgoogle-perftools-dev
   # c10d's Gloo header includes Gloo's headers, which LibTorch does not ship.
@@ -87,6 +89,7 @@ case $TORCHREV_LIBTORCH in
     cmake_args+=("-DCMAKE_PREFIX_PATH=$prefix")
     ;;
 esac
+# TORCHREV_WERROR=ON makes warnings in torchrev's own code errors (CI sets it).
 # TORCHREV_SANITIZE=address,undefined (or any -fsanitize= list) builds the
 # tests and examples with those sanitizers into <build>-sanitize, without the
 # benchmarks; scripts/test.sh then sets the sanitizers' runtime options.
@@ -111,5 +114,5 @@ jobs=$(nproc 2>/dev/null || echo 2)
 # error here rather than a skipped part.
 cmake -S "$TORCHREV_ROOT" -B "$TORCHREV_BUILD" -DCMAKE_BUILD_TYPE=Release \
   -DTORCHREV_BUILD_TESTS=ON -DTORCHREV_BUILD_EXAMPLES=ON \
-  -DTORCHREV_BUILD_BENCHMARKS=ON \
+  -DTORCHREV_BUILD_BENCHMARKS=ON -DTORCHREV_WERROR="${TORCHREV_WERROR:-OFF}" \
   "${cmake_args[@]}" "${sanitize_args[@]}" | { grep '^-- torchrev:' || true; }

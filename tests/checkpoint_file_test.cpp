@@ -4,27 +4,31 @@
 
 #include "../examples/cifar/trainer.h"
 #include "cifar_files.h"
+#include "scratch_dir.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <random>
 
 namespace fs = std::filesystem;
 
+using ::testing::HasSubstr;
+using ::testing::ThrowsMessage;
+
 namespace {
 
-struct Scratch {
-  fs::path dir = fs::temp_directory_path() /
-      ("torchrev_ckfile_" + std::to_string(::getpid()) + "_" +
-       std::to_string(std::random_device{}()));
-  Scratch() {
-    fs::create_directories(dir);
+/// A scratch folder with a tiny CIFAR-10 set in `cifar/`.
+struct Scratch : torchrev::testing::ScratchDir {
+  Scratch() : ScratchDir("ckfile"), dir(path) {
     torchrev::testing::write_cifar10_dir(dir / "cifar", 16, 8);
   }
-  ~Scratch() {
-    fs::remove_all(dir);
-  }
+  const fs::path& dir;
 };
 
 /// A few steps of revnet_mini on a tiny generated CIFAR-10.
@@ -192,15 +196,9 @@ TEST(CheckpointFile, FailedWritesLeaveThePreviousFileAndNoTemporary) {
   // The rename fails (a directory holds the final name): nothing is lost.
   const auto blocked = (scratch.dir / "blocked").string();
   fs::create_directories(fs::path(blocked) / "inside");
-  try {
-    cifar::write_file_atomically(blocked, "data");
-    FAIL() << "expected an error";
-  } catch (const cifar::FileError& e) {
-    EXPECT_NE(
-        std::string(e.what()).find("cannot write " + blocked),
-        std::string::npos)
-        << e.what();
-  }
+  EXPECT_THAT(
+      [&] { cifar::write_file_atomically(blocked, "data"); },
+      ThrowsMessage<cifar::FileError>(HasSubstr("cannot write " + blocked)));
   EXPECT_TRUE(fs::is_directory(fs::path(blocked) / "inside"));
   // A vanished directory.
   EXPECT_THROW(
@@ -223,14 +221,23 @@ TEST(CheckpointFile, StaleTemporariesOfDeadWritersAreRemoved) {
   }
   ::waitpid(dead, nullptr, 0);
   const auto stale = cifar::detail::temporary_name(path, dead);
-  const auto alive = cifar::detail::temporary_name(path, ::getppid());
+  // A live process's id, but no lock: the id was handed out again after
+  // the writer died, which says nothing about the file.
+  const auto reused = cifar::detail::temporary_name(path, ::getppid());
+  // Locked, as a writer holds its temporary file until the rename.
+  const auto writing = cifar::detail::temporary_name(path, 1);
   const auto other = path + ".tmp.notapid";
-  for (const auto& f : {stale, alive, other}) {
+  for (const auto& f : {stale, reused, writing, other}) {
     write_bytes(f, "partial");
   }
-  EXPECT_EQ(cifar::remove_stale_temporaries(path), 1);
+  const int writer = ::open(writing.c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(writer, 0);
+  ASSERT_EQ(::flock(writer, LOCK_EX), 0);
+  EXPECT_EQ(cifar::remove_stale_temporaries(path), 2);
+  ::close(writer);
   EXPECT_FALSE(fs::exists(stale));
-  EXPECT_TRUE(fs::exists(alive)); // its writer may still be running
+  EXPECT_FALSE(fs::exists(reused));
+  EXPECT_TRUE(fs::exists(writing)); // its writer is still writing
   EXPECT_TRUE(fs::exists(other));
 }
 

@@ -3,7 +3,9 @@
 
 #include "cifar_files.h"
 #include "process_util.h"
+#include "scratch_dir.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <csignal>
@@ -17,15 +19,9 @@ using namespace torchrev::testing;
 
 namespace {
 
-struct Scratch {
-  fs::path dir = fs::temp_directory_path() /
-      ("torchrev_cli_" + std::to_string(::getpid()));
-  Scratch() {
-    fs::create_directories(dir);
-  }
-  ~Scratch() {
-    fs::remove_all(dir);
-  }
+struct Scratch : torchrev::testing::ScratchDir {
+  Scratch() : ScratchDir("cli"), dir(path) {}
+  const fs::path& dir;
 };
 
 /// Runs cifar_train with `args` and checks the failure is clean.
@@ -287,7 +283,7 @@ TEST(CifarTrainCli, DiskFullDuringACheckpointLosesNothing) {
       << full.output;
   EXPECT_EQ(full.output.find("terminate"), std::string::npos) << full.output;
   EXPECT_EQ(file_bytes(scratch.dir / "ck.pt"), before);
-  EXPECT_TRUE(temporaries(scratch.dir).empty());
+  EXPECT_THAT(temporaries(scratch.dir), ::testing::IsEmpty());
   // Without the limit the run resumes from step 3 and finishes.
   auto resumed =
       run(tiny_training(scratch.dir, "--checkpoint-every 1 --resume"));
@@ -350,7 +346,8 @@ TEST(CifarTrainCli, KilledWritersLoseNothingAndResumeExactly) {
       kSteps));
   ASSERT_EQ(finished.exit_code, 0) << finished.output;
   EXPECT_EQ(value_of(finished.output, "param_checksum"), expected);
-  EXPECT_TRUE(temporaries(scratch.dir).empty());
+  EXPECT_THAT(temporaries(scratch.dir), ::testing::IsEmpty())
+      << "the dead writer was " << dead << "; " << finished.output;
 }
 
 TEST(CifarTrainCli, SigtermStopsAtAStepBoundaryAndTheCheckpointResumesExactly) {

@@ -4,6 +4,9 @@
 
 using namespace torchrev::testing;
 
+using ::testing::HasSubstr;
+using ::testing::ThrowsMessage;
+
 namespace {
 
 /// Bytes a training step (forward + backward) allocates on top of what was
@@ -18,24 +21,24 @@ struct StepMemory {
 void train_step(
     torchrev::RevSequential& stage,
     const torch::Tensor& x,
-    bool reversible) {
-  auto y = reversible ? stage(x) : plain_forward(stage, x);
+    StageMode mode) {
+  auto y = run_stage(stage, x, mode);
   y.pow(2).mean().backward();
 }
 
-StepMemory measure_step(int depth, bool reversible, int64_t anchor_every = 0) {
+StepMemory measure_step(int depth, StageMode mode, int64_t anchor_every = 0) {
   torch::manual_seed(40);
   auto stage = conv_stage(depth, /*half=*/4);
   stage->options.anchor_every(anchor_every);
   auto x = torch::randn({8, 8, 32, 32});
-  train_step(stage, x, reversible); // warm-up: allocates the .grad tensors
+  train_step(stage, x, mode); // warm-up: allocates the .grad tensors
   for (auto& p : stage->parameters()) {
     p.grad().zero_();
   }
   auto& meter = torchrev::CPUMemoryMeter::instance();
   const size_t before = meter.current_bytes();
   meter.reset_peak();
-  train_step(stage, x, reversible);
+  train_step(stage, x, mode);
   StepMemory result;
   result.peak = meter.peak_bytes() - before;
   result.leftover = static_cast<long long>(meter.current_bytes()) -
@@ -64,15 +67,10 @@ TEST(CPUMemoryMeter, BudgetRejectsAllocationsThatWouldExceedIt) {
   auto& meter = torchrev::CPUMemoryMeter::instance();
   meter.set_budget(meter.current_bytes() + 4096);
   EXPECT_NO_THROW(torch::empty({1024}, torch::kFloat32));
-  try {
-    torch::empty({1 << 20}, torch::kFloat32);
-    meter.set_budget(0);
-    FAIL() << "expected an out-of-memory error";
-  } catch (const c10::OutOfMemoryError& e) {
-    meter.set_budget(0);
-    EXPECT_NE(
-        std::string(e.what()).find("exceed the budget"), std::string::npos);
-  }
+  EXPECT_THAT(
+      [] { torch::empty({1 << 20}, torch::kFloat32); },
+      ThrowsMessage<c10::OutOfMemoryError>(HasSubstr("exceed the budget")));
+  meter.set_budget(0);
   EXPECT_NO_THROW(torch::empty({1 << 20}, torch::kFloat32));
 }
 
@@ -84,11 +82,11 @@ TEST(CPUMemoryMeter, ConvolutionsWorkThroughTheMeter) {
 }
 
 TEST(RevSequentialMemory, PeakIsFlatInDepthWhilePlainAutogradGrowsLinearly) {
-  const auto rev4 = measure_step(4, true);
-  const auto rev16 = measure_step(16, true);
-  const auto plain4 = measure_step(4, false);
-  const auto plain8 = measure_step(8, false);
-  const auto plain16 = measure_step(16, false);
+  const auto rev4 = measure_step(4, StageMode::kReversible);
+  const auto rev16 = measure_step(16, StageMode::kReversible);
+  const auto plain4 = measure_step(4, StageMode::kStored);
+  const auto plain8 = measure_step(8, StageMode::kStored);
+  const auto plain16 = measure_step(16, StageMode::kStored);
   const double rev_ratio = double(rev16.peak) / double(rev4.peak);
   const double plain_ratio = double(plain16.peak) / double(plain4.peak);
   std::cout << "[ memory   ] training-step peak above baseline, bytes: "
@@ -112,8 +110,8 @@ TEST(RevSequentialMemory, A64BlockStageNeedsAtMost1Point1TimesAn8BlockStage) {
   // accumulates (and frees) at once, so neither activations nor temporary
   // parameter gradients pile up with depth. The peak counts everything a
   // step allocates on top of the parameters and their .grad tensors.
-  const auto rev8 = measure_step(8, true);
-  const auto rev64 = measure_step(64, true);
+  const auto rev8 = measure_step(8, StageMode::kReversible);
+  const auto rev64 = measure_step(64, StageMode::kReversible);
   const double ratio = double(rev64.peak) / double(rev8.peak);
   std::cout << "[ memory   ] reversible training-step peak, bytes: depth 8 = "
             << rev8.peak << ", depth 64 = " << rev64.peak << " (x" << ratio
@@ -125,8 +123,8 @@ TEST(RevSequentialMemory, EachAnchorKeepsOneActivation) {
   // 64 blocks, anchor_every 8: blocks 8, 16, ..., 56 keep their outputs
   // (the 64th is the stage output, kept anyway): 7 activations of
   // 8 x 8 x 32 x 32 floats each.
-  const auto none = measure_step(64, true);
-  const auto anchored = measure_step(64, true, 8);
+  const auto none = measure_step(64, StageMode::kReversible);
+  const auto anchored = measure_step(64, StageMode::kReversible, 8);
   const double activation = 8.0 * 8 * 32 * 32 * sizeof(float);
   const double extra = (double(anchored.peak) - double(none.peak)) / activation;
   std::cout << "[ memory   ] anchor_every 8 on 64 blocks: peak "
@@ -137,8 +135,9 @@ TEST(RevSequentialMemory, EachAnchorKeepsOneActivation) {
 }
 
 TEST(RevSequentialMemory, NothingStaysAllocatedAfterATrainingStep) {
-  for (bool reversible : {true, false}) {
-    const auto step = measure_step(8, reversible);
-    EXPECT_EQ(step.leftover, 0) << (reversible ? "reversible" : "plain");
+  for (auto mode : {StageMode::kReversible, StageMode::kStored}) {
+    const auto step = measure_step(8, mode);
+    EXPECT_EQ(step.leftover, 0)
+        << (mode == StageMode::kReversible ? "reversible" : "stored");
   }
 }

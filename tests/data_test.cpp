@@ -3,6 +3,8 @@
 
 #include "../examples/cifar/data.h"
 #include "cifar_files.h"
+#include "scratch_dir.h"
+#include "test_util.h"
 
 #include <gtest/gtest.h>
 
@@ -16,26 +18,12 @@ using torchrev::testing::write_cifar;
 namespace {
 
 /// A scratch folder removed at the end of the test.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    path = fs::temp_directory_path() /
-        ("torchrev_data_" + std::to_string(::getpid()) + "_" +
-         std::to_string(std::random_device{}()));
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    fs::remove_all(path);
-  }
+struct TempDir : torchrev::testing::ScratchDir {
+  TempDir() : ScratchDir("data") {}
 };
 
 std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const cifar::DataError& e) {
-    return e.what();
-  }
-  return "";
+  return torchrev::testing::error_of<cifar::DataError>(fn);
 }
 
 } // namespace

@@ -154,27 +154,6 @@ torchrev::RevSequential mixed_stage(double dropout = 0.0) {
       ScaleBlock(10));
 }
 
-struct Step {
-  torch::Tensor y, grad_x;
-  std::vector<torch::Tensor> param_grads;
-};
-
-Step run_step(
-    torchrev::RevSequential& stage,
-    const torch::Tensor& input,
-    bool reversible) {
-  stage->zero_grad();
-  auto x = input.detach().clone().requires_grad_(true);
-  auto y = reversible ? stage(x) : plain_forward(stage, x);
-  (y * y).sum().backward();
-  Step step{y.detach(), x.grad(), {}};
-  for (const auto& p : stage->parameters()) {
-    step.param_grads.push_back(
-        p.grad().defined() ? p.grad().clone() : p.grad());
-  }
-  return step;
-}
-
 void expect_steps_match(const Step& rev, const Step& plain, double tol) {
   EXPECT_CLOSE(rev.y, plain.y, tol);
   EXPECT_CLOSE(rev.grad_x, plain.grad_x, tol);
@@ -194,8 +173,8 @@ void expect_matches_plain_autograd(
   // second step checks that nothing of the first is left over.
   for (int step = 0; step < 2; ++step) {
     SCOPED_TRACE("step " + std::to_string(step));
-    auto rev = run_step(stage, x * (step + 1), true);
-    auto plain = run_step(reference, x * (step + 1), false);
+    auto rev = run_step(stage, x * (step + 1), StageMode::kReversible);
+    auto plain = run_step(reference, x * (step + 1), StageMode::kStored);
     expect_steps_match(rev, plain, kTol);
   }
 }
@@ -291,8 +270,8 @@ TEST(InvertibleMembers, BatchNormStatisticsAreUpdatedOnce) {
   auto reference = copy_of(stage);
   auto x = images(4);
   for (int step = 0; step < 2; ++step) {
-    run_step(stage, x * (step + 1), true);
-    run_step(reference, x * (step + 1), false);
+    run_step(stage, x * (step + 1), StageMode::kReversible);
+    run_step(reference, x * (step + 1), StageMode::kStored);
   }
   auto buffers = stage->named_buffers();
   auto ref_buffers = reference->named_buffers();
@@ -314,10 +293,10 @@ TEST(InvertibleMembers, DropoutInAffineBlocksIsReplayed) {
   auto reference = copy_of(stage);
   auto x = images(4);
   torch::manual_seed(5);
-  auto rev = run_step(stage, x, true);
+  auto rev = run_step(stage, x, StageMode::kReversible);
   auto after_rev = torch::rand({4}, torch::kFloat64);
   torch::manual_seed(5);
-  auto plain = run_step(reference, x, false);
+  auto plain = run_step(reference, x, StageMode::kStored);
   auto after_plain = torch::rand({4}, torch::kFloat64);
   expect_steps_match(rev, plain, kTol);
   EXPECT_TRUE(after_rev.equal(after_plain));

@@ -158,11 +158,11 @@ TEST(Readme, CustomBlockClonesDeeplyAndInverts) {
 TEST(Readme, ConvertingAStageWithACheckpointedTransition) {
   const int n = 3;
   torch::nn::Sequential stage2;
-  stage2->push_back(torchrev::Checkpoint(
-      torchrev::models::RevTransitionBlock(false, 32, 64, /*stride=*/2)));
+  stage2->push_back(torchrev::Checkpoint(torchrev::models::RevTransitionBlock(
+      torchrev::models::ResidualBlockOptions(32, 64).stride(2))));
   torchrev::RevSequential body;
   for (int i = 1; i < n; ++i) {
-    body->push_back(torchrev::models::preact_rev_block(false, 64));
+    body->push_back(torchrev::models::preact_rev_block(64));
   }
   stage2->push_back(body);
   auto x = torch::randn({2, 32, 8, 8}, torch::requires_grad());

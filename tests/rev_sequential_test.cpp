@@ -26,7 +26,7 @@ TORCH_MODULE(AffineTanhBlock);
 
 /// A block whose F changes the shape: must be rejected.
 struct ShapeChangingBlockImpl : torchrev::RevBlockBase {
-  explicit ShapeChangingBlockImpl(bool in_f) : in_f(in_f) {}
+  explicit ShapeChangingBlockImpl(bool in_f_) : in_f(in_f_) {}
   torch::Tensor forward_f(const torch::Tensor& x2) override {
     return in_f ? x2.narrow(1, 0, 1) : x2;
   }
@@ -90,7 +90,7 @@ TEST(RevSequential, SubclassedRevBlockBaseMatchesPlainAutograd) {
     p.mutable_grad() = torch::Tensor();
   }
   x.mutable_grad() = torch::Tensor();
-  plain_forward(stage, x).pow(2).sum().backward();
+  run_stage(stage, x, StageMode::kStored).pow(2).sum().backward();
   EXPECT_CLOSE(rev_grad_x, x.grad(), 1e-9);
   auto params = stage->parameters();
   for (size_t i = 0; i < params.size(); ++i) {
@@ -233,7 +233,7 @@ TEST(RevSequential, AModuleSharedByFAndGGetsItsGradientOnce) {
   auto rev_grad = shared->weight.grad().clone();
   shared->weight.mutable_grad() = torch::Tensor();
   shared->bias.mutable_grad() = torch::Tensor();
-  plain_forward(stage, x).pow(2).sum().backward();
+  run_stage(stage, x, StageMode::kStored).pow(2).sum().backward();
   EXPECT_CLOSE(rev_grad, shared->weight.grad(), 1e-9);
 }
 

@@ -9,30 +9,6 @@ namespace {
 
 constexpr double kTol = 1e-9; // float64 relative error
 
-struct Step {
-  torch::Tensor y, grad_x;
-  std::vector<torch::Tensor> param_grads;
-};
-
-/// One forward + backward of `stage` (reversible) or of its blocks with plain
-/// autograd, with `.grad` cleared first.
-Step run_step(
-    torchrev::RevSequential& stage,
-    const torch::Tensor& input,
-    bool reversible) {
-  stage->zero_grad();
-  auto x = input.detach().clone().requires_grad_(true);
-  auto y = reversible ? stage(x) : plain_forward(stage, x);
-  // A loss whose gradient is not constant, so every block sees a distinct dy.
-  (y * y).sum().backward();
-  Step step{y.detach(), x.grad(), {}};
-  for (const auto& p : stage->parameters()) {
-    step.param_grads.push_back(
-        p.grad().defined() ? p.grad().clone() : p.grad());
-  }
-  return step;
-}
-
 void expect_steps_match(const Step& rev, const Step& plain, double tol) {
   EXPECT_CLOSE(rev.y, plain.y, tol);
   EXPECT_CLOSE(rev.grad_x, plain.grad_x, tol);
@@ -51,8 +27,8 @@ TEST(RevStageFunction, ForwardAndAllGradientsMatchPlainAutogradFloat64) {
   stage->to(torch::kFloat64);
   auto reference = copy_of(stage);
   auto x = torch::randn({4, 6, 5, 5}, torch::kFloat64);
-  auto rev = run_step(stage, x, /*reversible=*/true);
-  auto plain = run_step(reference, x, /*reversible=*/false);
+  auto rev = run_step(stage, x, StageMode::kReversible);
+  auto plain = run_step(reference, x, StageMode::kStored);
   ASSERT_GT(rev.param_grads.size(), 0u);
   expect_steps_match(rev, plain, kTol);
 }
@@ -62,8 +38,8 @@ TEST(RevStageFunction, GradientsMatchPlainAutogradFloat32) {
   auto stage = mlp_stage(/*depth=*/6, /*half=*/8);
   auto reference = copy_of(stage);
   auto x = torch::randn({16, 16});
-  auto rev = run_step(stage, x, true);
-  auto plain = run_step(reference, x, false);
+  auto rev = run_step(stage, x, StageMode::kReversible);
+  auto plain = run_step(reference, x, StageMode::kStored);
   expect_steps_match(rev, plain, 1e-4);
 }
 
@@ -80,7 +56,7 @@ TEST(
   auto y = stage(x);
   auto grads = torch::autograd::grad({(y * y).sum()}, params);
   auto ref_params = reference->parameters();
-  auto ref_y = plain_forward(reference, x);
+  auto ref_y = run_stage(reference, x, StageMode::kStored);
   auto ref_grads = torch::autograd::grad({(ref_y * ref_y).sum()}, ref_params);
 
   ASSERT_EQ(grads.size(), ref_grads.size());
@@ -128,8 +104,8 @@ TEST(
     p.register_hook([](const torch::Tensor& grad) { return grad * 2; });
   }
   auto x = torch::randn({3, 4, 5, 5}, torch::kFloat64);
-  auto rev = run_step(stage, x, true);
-  auto plain = run_step(reference, x, false);
+  auto rev = run_step(stage, x, StageMode::kReversible);
+  auto plain = run_step(reference, x, StageMode::kStored);
   EXPECT_CLOSE(rev.grad_x, plain.grad_x, kTol);
   ASSERT_EQ(rev.param_grads.size(), plain.param_grads.size());
   for (size_t i = 0; i < rev.param_grads.size(); ++i) {
@@ -156,8 +132,8 @@ TEST(RevStageFunction, BatchNormRunningStatsAfterAStepEqualPlainAutograds) {
   auto reference = copy_of(stage);
   auto x = torch::randn({4, 4, 5, 5}, torch::kFloat64);
   for (int step = 0; step < 2; ++step) {
-    run_step(stage, x * (step + 1), true);
-    run_step(reference, x * (step + 1), false);
+    run_step(stage, x * (step + 1), StageMode::kReversible);
+    run_step(reference, x * (step + 1), StageMode::kStored);
   }
   auto buffers = stage->named_buffers();
   auto ref_buffers = reference->named_buffers();
@@ -182,10 +158,10 @@ TEST(RevStageFunction, DropoutGradientsMatchPlainAutogradUnderTheSameSeed) {
   auto x = torch::randn({8, 12}, torch::kFloat64);
 
   torch::manual_seed(5);
-  auto rev = run_step(stage, x, true);
+  auto rev = run_step(stage, x, StageMode::kReversible);
   auto after_rev = torch::rand({4}, torch::kFloat64);
   torch::manual_seed(5);
-  auto plain = run_step(reference, x, false);
+  auto plain = run_step(reference, x, StageMode::kStored);
   auto after_plain = torch::rand({4}, torch::kFloat64);
 
   expect_steps_match(rev, plain, kTol);
@@ -206,9 +182,9 @@ TEST(RevStageFunction, WithoutRngPreservationDropoutIsNotReplayed) {
   auto reference = copy_of(stage);
   auto x = torch::randn({8, 12}, torch::kFloat64);
   torch::manual_seed(6);
-  auto rev = run_step(stage, x, true);
+  auto rev = run_step(stage, x, StageMode::kReversible);
   torch::manual_seed(6);
-  auto plain = run_step(reference, x, false);
+  auto plain = run_step(reference, x, StageMode::kStored);
   EXPECT_GT(relative_error(rev.grad_x, plain.grad_x), 1e-3);
 }
 
@@ -226,7 +202,10 @@ TEST(RevStageFunction, ReluBeforeTheStageKeepsTheTensorItSaved) {
   EXPECT_TRUE(h.detach().equal(h_before)); // never written to or freed
 
   auto ref_x = input.clone().requires_grad_(true);
-  plain_forward(reference, torch::relu(ref_x)).pow(2).sum().backward();
+  run_stage(reference, torch::relu(ref_x), StageMode::kStored)
+      .pow(2)
+      .sum()
+      .backward();
   EXPECT_CLOSE(x.grad(), ref_x.grad(), kTol);
 }
 
@@ -302,7 +281,7 @@ TEST(RevStageFunction, IdentityHalvesMatchPlainAutograd) {
         auto x = input.clone().requires_grad_(true);
         loss(stage(x)).backward();
         auto ref_x = input.clone().requires_grad_(true);
-        loss(plain_forward(reference, ref_x)).backward();
+        loss(run_stage(reference, ref_x, StageMode::kStored)).backward();
         EXPECT_CLOSE(x.grad(), ref_x.grad(), kTol);
         auto params = stage->parameters();
         auto ref_params = reference->parameters();
@@ -320,8 +299,8 @@ namespace {
 /// x + p, with a parameter of x's whole shape: autograd passes the output's
 /// gradient through unchanged as both x's and p's gradient.
 struct AddParameterImpl : torch::nn::Cloneable<AddParameterImpl> {
-  explicit AddParameterImpl(std::vector<int64_t> shape)
-      : shape(std::move(shape)) {
+  explicit AddParameterImpl(std::vector<int64_t> shape_)
+      : shape(std::move(shape_)) {
     reset();
   }
   void reset() override {
@@ -367,7 +346,7 @@ TEST(
       auto ref_x = input.clone().requires_grad_(true);
       for (int pass = 0; pass < 2; ++pass) {
         stage(x).pow(2).sum().backward();
-        plain_forward(reference, ref_x).pow(2).sum().backward();
+        run_stage(reference, ref_x, StageMode::kStored).pow(2).sum().backward();
       }
       EXPECT_CLOSE(x.grad(), ref_x.grad(), kTol);
       auto params = stage->parameters();
@@ -410,14 +389,10 @@ TEST(RevStageFunction, DoubleBackwardIsAClearError) {
   auto stage = mlp_stage(2, 4);
   auto x = torch::randn({3, 8}, torch::requires_grad());
   auto y = stage(x).pow(2).sum();
-  try {
-    torch::autograd::grad(
-        {y}, {x}, {}, /*retain_graph=*/true, /*create_graph=*/true);
-    FAIL() << "expected an error";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("double backward"), std::string::npos)
-        << e.what();
-  }
+  EXPECT_ERROR_CONTAINS(
+      torch::autograd::grad(
+          {y}, {x}, {}, /*retain_graph=*/true, /*create_graph=*/true),
+      "double backward");
 }
 
 TEST(RevStageFunction, InPlaceChangeOfTheOutputIsDetected) {
@@ -438,7 +413,7 @@ TEST(RevStageFunction, OnlyParametersTrainWhenTheInputNeedsNoGrad) {
   auto y = stage(x);
   ASSERT_TRUE(y.requires_grad());
   y.pow(2).sum().backward();
-  plain_forward(reference, x).pow(2).sum().backward();
+  run_stage(reference, x, StageMode::kStored).pow(2).sum().backward();
   auto params = stage->parameters();
   auto ref_params = reference->parameters();
   for (size_t i = 0; i < params.size(); ++i) {
@@ -455,8 +430,8 @@ TEST(RevStageFunction, FrozenParametersGetNoGradient) {
   frozen.requires_grad_(false);
   reference->parameters()[0].requires_grad_(false);
   auto x = torch::randn({3, 8}, torch::kFloat64);
-  auto rev = run_step(stage, x, true);
-  auto plain = run_step(reference, x, false);
+  auto rev = run_step(stage, x, StageMode::kReversible);
+  auto plain = run_step(reference, x, StageMode::kStored);
   EXPECT_FALSE(frozen.grad().defined());
   for (size_t i = 1; i < rev.param_grads.size(); ++i) {
     EXPECT_CLOSE(rev.param_grads[i], plain.param_grads[i], kTol);
@@ -474,9 +449,9 @@ TEST(RevStageFunction, GradientsMatchPlainAutograd_CUDA) {
   auto x = torch::randn(
       {4, 6, 5, 5}, torch::dtype(torch::kFloat64).device(torch::kCUDA));
   torch::manual_seed(12);
-  auto rev = run_step(stage, x, true);
+  auto rev = run_step(stage, x, StageMode::kReversible);
   torch::manual_seed(12);
-  auto plain = run_step(reference, x, false);
+  auto plain = run_step(reference, x, StageMode::kStored);
   expect_steps_match(rev, plain, kTol);
 }
 
@@ -497,8 +472,8 @@ TEST(RevStageFunction, TwoGraphsAliveAtOnceBothMatchPlainAutograd) {
 
   auto ref_a = a.clone().requires_grad_(true);
   auto ref_b = b.clone().requires_grad_(true);
-  plain_forward(reference, ref_a).pow(2).sum().backward();
-  plain_forward(reference, ref_b).pow(3).sum().backward();
+  run_stage(reference, ref_a, StageMode::kStored).pow(2).sum().backward();
+  run_stage(reference, ref_b, StageMode::kStored).pow(3).sum().backward();
 
   EXPECT_CLOSE(xa.grad(), ref_a.grad(), kTol);
   EXPECT_CLOSE(xb.grad(), ref_b.grad(), kTol);
@@ -527,7 +502,7 @@ TEST(
   auto loss = stage(x).pow(2).sum();
   auto grads = torch::autograd::grad({loss}, middle, {}, /*retain_graph=*/true);
   auto ref_x = input.clone().requires_grad_(true);
-  auto ref_loss = plain_forward(reference, ref_x).pow(2).sum();
+  auto ref_loss = run_stage(reference, ref_x, StageMode::kStored).pow(2).sum();
   auto ref_grads =
       torch::autograd::grad({ref_loss}, ref_middle, {}, /*retain_graph=*/true);
   ASSERT_EQ(grads.size(), ref_grads.size());
@@ -590,9 +565,9 @@ TEST(RevStageFunction, WithAnchorsGradientsStillMatchPlainAutograd) {
     auto reference = copy_of(stage);
     auto x = torch::randn({3, 4, 5, 5}, torch::kFloat64);
     torch::manual_seed(18);
-    auto rev = run_step(stage, x, true);
+    auto rev = run_step(stage, x, StageMode::kReversible);
     torch::manual_seed(18);
-    auto plain = run_step(reference, x, false);
+    auto plain = run_step(reference, x, StageMode::kStored);
     expect_steps_match(rev, plain, kTol);
   }
 }
@@ -615,10 +590,10 @@ TEST(RevStageFunction, AnchorsBoundTheDriftOfADeepFloat32Stage) {
   auto reference = copy_of(stage);
   reference->to(torch::kFloat64);
   auto x = torch::randn({2, 8, 6, 6});
-  auto exact = run_step(reference, x.to(torch::kFloat64), false);
+  auto exact = run_step(reference, x.to(torch::kFloat64), StageMode::kStored);
   auto error_with = [&](int64_t every) {
     stage->options.anchor_every(every);
-    auto rev = run_step(stage, x, true);
+    auto rev = run_step(stage, x, StageMode::kReversible);
     return relative_error(rev.grad_x.to(torch::kFloat64), exact.grad_x);
   };
   const double none = error_with(0);

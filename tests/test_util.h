@@ -5,12 +5,14 @@
 
 #include <torchrev/torchrev.h>
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include <functional>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -18,6 +20,8 @@ namespace torchrev {
 namespace testing {
 
 using SeqBlock = RevBlock<torch::nn::Sequential, torch::nn::Sequential>;
+using torchrev::run_stage;
+using torchrev::StageMode;
 
 /// The largest absolute difference divided by the largest magnitude of `b`.
 inline double relative_error(const torch::Tensor& a, const torch::Tensor& b) {
@@ -35,24 +39,40 @@ inline double relative_error(const torch::Tensor& a, const torch::Tensor& b) {
 #define EXPECT_CLOSE(a, b, tol) \
   EXPECT_LT(::torchrev::testing::relative_error(a, b), tol)
 
-/// The message of the c10::Error that `fn` throws, or "" if none.
-inline std::string error_of(const std::function<void()>& fn) {
+/// The message of the `Error` that `fn` throws (without LibTorch's
+/// backtrace), or "" if none.
+template <typename Error = c10::Error>
+std::string error_of(const std::function<void()>& fn) {
   try {
     fn();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
+  } catch (const Error& e) {
+    if constexpr (std::is_base_of_v<c10::Error, Error>) {
+      return e.what_without_backtrace();
+    } else {
+      return e.what();
+    }
   }
   return "";
 }
 
-#define EXPECT_ERROR_CONTAINS(stmt, ...)                                     \
-  do {                                                                       \
-    const std::string message = error_of([&] { stmt; });                     \
-    for (const std::string& part : {__VA_ARGS__}) {                          \
-      EXPECT_NE(message.find(part), std::string::npos)                       \
-          << "error message \"" << message << "\" lacks \"" << part << "\""; \
-    }                                                                        \
-  } while (0)
+/// Matches a `c10::Error` whose message, without LibTorch's backtrace
+/// (whose function names could match by accident), contains every one of
+/// `parts`.
+template <typename... Parts>
+auto error_message_contains(const Parts&... parts) {
+  return ::testing::Throws<c10::Error>(::testing::ResultOf(
+      "its message",
+      [](const c10::Error& e) {
+        return std::string(e.what_without_backtrace());
+      },
+      ::testing::AllOf(::testing::HasSubstr(std::string(parts))...)));
+}
+
+/// Expects `stmt` to throw a `c10::Error` whose message contains each of the
+/// strings that follow.
+#define EXPECT_ERROR_CONTAINS(stmt, ...) \
+  EXPECT_THAT(                           \
+      [&] { stmt; }, ::torchrev::testing::error_message_contains(__VA_ARGS__))
 
 /// A residual function for `channels` channels: BN-ReLU-Conv, optionally
 /// with dropout, as in a pre-activation RevNet.
@@ -103,21 +123,38 @@ inline RevSequential mlp_stage(int depth, int64_t half, double dropout = 0.0) {
   return stage;
 }
 
-/// The stage's blocks run one after the other with plain autograd (each
-/// block's own forward stores its activations): the reference torchrev must
-/// match.
-inline torch::Tensor plain_forward(RevSequential& stage, torch::Tensor x) {
-  for (const auto& block : *stage) {
-    x = block->forward(x);
+/// What one training step of a stage computed: its output, the input's
+/// gradient and every parameter's gradient (undefined where none).
+struct Step {
+  torch::Tensor y, grad_x;
+  std::vector<torch::Tensor> param_grads;
+};
+
+/// One forward + backward of `stage` in `mode` (`kStored`: the members one
+/// after the other with plain autograd, the reference torchrev must match),
+/// with `.grad` cleared first.
+inline Step run_step(
+    RevSequential& stage,
+    const torch::Tensor& input,
+    StageMode mode) {
+  stage->zero_grad();
+  auto x = input.detach().clone().requires_grad_(true);
+  auto y = run_stage(stage, x, mode);
+  // A loss whose gradient is not constant, so every block sees a distinct dy.
+  (y * y).sum().backward();
+  Step step{y.detach(), x.grad(), {}};
+  for (const auto& p : stage->parameters()) {
+    step.param_grads.push_back(
+        p.grad().defined() ? p.grad().clone() : p.grad());
   }
-  return x;
+  return step;
 }
 
 /// Counts how often each parameter's gradient accumulator runs, through a
 /// post hook on it (what PyTorch's own data-parallel reducer listens to).
 struct AccumulatorRunCounts {
   struct Counter : torch::autograd::FunctionPostHook {
-    explicit Counter(std::shared_ptr<int> runs) : runs(std::move(runs)) {}
+    explicit Counter(std::shared_ptr<int> counter) : runs(std::move(counter)) {}
     torch::autograd::variable_list operator()(
         const torch::autograd::variable_list& outputs,
         const torch::autograd::variable_list& /*inputs*/) override {

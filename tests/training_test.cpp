@@ -3,11 +3,15 @@
 
 #include "../examples/cifar/trainer.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <filesystem>
 
 namespace fs = std::filesystem;
+
+using ::testing::HasSubstr;
+using ::testing::ThrowsMessage;
 
 namespace {
 
@@ -110,14 +114,9 @@ TEST(Training, CheckpointRoundTripAndExactResume) {
     std::ofstream corrupt(checkpoint, std::ios::binary | std::ios::trunc);
     corrupt << "not a checkpoint";
   }
-  try {
-    cifar::Trainer{second};
-    FAIL() << "expected an error";
-  } catch (const std::runtime_error& e) {
-    EXPECT_NE(
-        std::string(e.what()).find("cannot read checkpoint"), std::string::npos)
-        << e.what();
-  }
+  EXPECT_THAT(
+      [&] { cifar::Trainer{second}; },
+      ThrowsMessage<std::runtime_error>(HasSubstr("cannot read checkpoint")));
   fs::remove(checkpoint);
   fs::remove(metrics);
 }

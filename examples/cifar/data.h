@@ -125,7 +125,7 @@ inline Split cifar_split(const std::vector<fs::path>& files, int label_bytes) {
   for (const auto& file : files) {
     read_cifar_file(file, label_bytes, images, labels);
   }
-  const int64_t n = static_cast<int64_t>(labels.size());
+  const auto n = static_cast<int64_t>(labels.size());
   Split split;
   split.images =
       torch::from_blob(images.data(), {n, 3, 32, 32}, torch::kUInt8).clone();
@@ -172,7 +172,9 @@ inline void set_statistics(Dataset& dataset) {
     sum += x.sum({0, 2, 3});
     sum_sq += x.pow(2).sum({0, 2, 3});
   }
-  const double count = double(images.numel() / c);
+  // Values per channel (numel is a multiple of c).
+  const int64_t per_channel = images.numel() / c;
+  const auto count = static_cast<double>(per_channel);
   auto mean = sum / count;
   auto var = (sum_sq / count - mean * mean) * (count / (count - 1.0));
   dataset.mean = mean.to(torch::kFloat32);

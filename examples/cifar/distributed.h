@@ -273,6 +273,7 @@ struct DataParallelState {
         }
       }
       std::vector<torch::Tensor> parts;
+      parts.reserve(group.size());
       for (const auto& t : group) {
         parts.push_back(t.reshape({-1}).to(comm_device));
       }
@@ -863,7 +864,7 @@ class DataParallel {
       }
     }
 #endif
-    return c10::make_intrusive<c10d::TCPStore>(host, std::move(options));
+    return c10::make_intrusive<c10d::TCPStore>(host, options);
   }
 
   /// Gloo transport device: the interface in GLOO_SOCKET_IFNAME if set, the

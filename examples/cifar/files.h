@@ -7,7 +7,11 @@
 // checking every write, fsync and close, then renames it over `path`: on any
 // failure (a full disk, a file-size limit, a vanished directory) the
 // temporary file is removed, `path` is left exactly as it was, and a one-line
-// std::runtime_error names the file and the system's reason.
+// std::runtime_error names the file and the system's reason. The writer
+// holds an exclusive flock on its temporary file until it is renamed, so
+// that `remove_stale_temporaries` tells a killed writer's leftover (no lock:
+// the kernel drops it with the process) from a live one's, whatever the
+// process ids (which a sandbox may hand out again at once).
 //
 // `seal` / `unseal` frame a payload with a header of our own (magic, format
 // version, payload size, CRC-32 of the payload and of the header), so that a
@@ -16,8 +20,9 @@
 // consecutive bits and all but 2^-32 of the others; it guards against
 // corruption, not against a deliberately forged file.
 
+#include <csignal>
 #include <fcntl.h>
-#include <signal.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -79,6 +84,12 @@ inline void write_file_atomically(
         "cannot write " + path + ": cannot create " + tmp + ": " +
         detail::system_reason(error) + " (the previous file is unchanged)");
   }
+  // Held until the rename: a live writer's temporary file is never stale.
+  if (::flock(fd, LOCK_EX) != 0) {
+    const int error = errno;
+    ::close(fd);
+    fail("cannot lock " + tmp, error);
+  }
   size_t done = 0;
   while (done < bytes.size()) {
     const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
@@ -97,18 +108,29 @@ inline void write_file_atomically(
     ::close(fd);
     fail("fsync failed", error);
   }
-  if (::close(fd) != 0) {
-    fail("close failed", errno);
-  }
+  // Renamed while still open, so the lock covers the temporary name until
+  // it is gone; the data is on disk already (fsync).
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    fail("rename from " + tmp + " failed", errno);
+    const int error = errno;
+    ::close(fd);
+    fail("rename from " + tmp + " failed", error);
+  }
+  if (::close(fd) != 0) {
+    const int error = errno;
+    throw FileError(
+        "wrote " + path +
+        " but closing it failed: " + detail::system_reason(error));
   }
   detail::sync_path(std::filesystem::absolute(path).parent_path().string());
 }
 
 /// Removes the temporary files that writers of `path` killed mid-write left
-/// behind (`path.tmp.<pid>` of a process that no longer exists). Returns how
-/// many were removed.
+/// behind: a `path.tmp.<pid>` of another process that no writer holds the
+/// lock of (the lock, not the process id, decides: ids may be reused).
+/// Returns how many were removed. Only one run should write a given path at
+/// a time; a second one started at the very moment a writer has created its
+/// temporary file but not yet locked it could remove that file, and the
+/// writer would then report a failed rename.
 inline int remove_stale_temporaries(const std::string& path) {
   namespace fs = std::filesystem;
   const fs::path target = fs::absolute(path);
@@ -131,13 +153,18 @@ inline int remove_stale_temporaries(const std::string& path) {
       continue;
     }
     const long pid = std::stol(digits);
-    if (pid == ::getpid() || ::kill(static_cast<pid_t>(pid), 0) == 0 ||
-        errno != ESRCH) {
-      continue; // our own, or its writer may still be running
+    if (pid == ::getpid()) {
+      continue; // our own
     }
-    if (fs::remove(entry.path(), ec)) {
+    const int fd = ::open(entry.path().c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+      continue;
+    }
+    // Locked: its writer is still writing. Unlocked: the writer is gone.
+    if (::flock(fd, LOCK_EX | LOCK_NB) == 0 && fs::remove(entry.path(), ec)) {
       ++removed;
     }
+    ::close(fd);
   }
   return removed;
 }

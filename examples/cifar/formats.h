@@ -23,7 +23,7 @@ struct DataError : std::runtime_error {
 
 namespace formats {
 
-constexpr size_t kCifarImageBytes = 3 * 32 * 32;
+constexpr size_t kCifarImageBytes = size_t{3} * 32 * 32;
 
 /// The number of records in a CIFAR binary file's bytes (`label_bytes` 1 for
 /// CIFAR-10, 2 for CIFAR-100, whose fine label comes last). Throws DataError

@@ -5,6 +5,8 @@
 
 #include <fmt/core.h>
 
+#include <cmath>
+
 #include <sys/ioctl.h>
 #include <unistd.h>
 
@@ -114,7 +116,7 @@ class Progress {
   }
 
   static std::string format_duration(double seconds) {
-    const int64_t s = static_cast<int64_t>(seconds + 0.5);
+    const auto s = static_cast<int64_t>(std::llround(seconds));
     return fmt::format("{}:{:02d}", s / 60, s % 60);
   }
 

@@ -181,7 +181,10 @@ class Trainer {
       }
       // One device per rank on a machine: the launcher's LOCAL_RANK.
       const int local_rank = config_.distributed.local_rank;
-      const auto devices = static_cast<int>(torch::cuda::device_count());
+      // A count (c10::DeviceIndex, a signed char on LibTorch 2.x), not a
+      // character.
+      const auto devices = static_cast<int>(
+          torch::cuda::device_count()); // NOLINT(bugprone-signed-char-misuse)
       if (local_rank >= devices) {
         throw std::invalid_argument(fmt::format(
             "--device cuda: local rank {} needs CUDA device {}, but this "
@@ -336,7 +339,7 @@ class Trainer {
       }
       optimizer_->step();
 
-      const double loss_value = loss.item<double>();
+      const auto loss_value = loss.item<double>();
       result.step_losses.push_back(loss_value);
       window_loss += loss_value;
       window_correct += logits.argmax(1).eq(labels).sum().item<int64_t>();
@@ -641,12 +644,14 @@ class Trainer {
         continue;
       }
       if (std::filesystem::is_directory(path)) {
-        fail(flag + " " + path + ": is a directory; expected a file name");
+        fail(fmt::format(
+            "{} {}: is a directory; expected a file name", flag, path));
       }
       auto dir = std::filesystem::absolute(path).parent_path();
       if (!std::filesystem::is_directory(dir) ||
           ::access(dir.c_str(), W_OK) != 0) {
-        fail(flag + " " + path + ": cannot write into " + dir.string());
+        fail(fmt::format(
+            "{} {}: cannot write into {}", flag, path, dir.string()));
       }
     }
     if (config_.resume && config_.resume_if_exists) {
@@ -789,7 +794,7 @@ class Trainer {
       const std::vector<std::pair<std::string, std::string>>& settings) {
     std::string out;
     for (const auto& [flag, value] : settings) {
-      out += flag + " " + value + "\n";
+      out += fmt::format("{} {}\n", flag, value);
     }
     return out;
   }
@@ -809,7 +814,7 @@ class Trainer {
     archive.write("step", c10::IValue(step_));
     archive.write("total_steps", c10::IValue(total_steps_));
     archive.write("settings", c10::IValue(encode_settings(run_settings())));
-    at::Generator generator = at::detail::getDefaultCPUGenerator();
+    const at::Generator& generator = at::detail::getDefaultCPUGenerator();
     archive.write("rng", generator.get_state());
     std::string rows;
     for (const auto& r : rows_) {

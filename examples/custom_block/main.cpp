@@ -48,18 +48,12 @@ TORCH_MODULE(ConvBlock);
 size_t step_peak(
     torchrev::RevSequential& stage,
     const torch::Tensor& x,
-    bool reversible) {
+    torchrev::StageMode mode) {
   auto& meter = torchrev::CPUMemoryMeter::instance();
   const size_t before = meter.current_bytes();
   meter.reset_peak();
-  torch::Tensor y = x;
-  if (reversible) {
-    y = stage(x);
-  } else {
-    for (const auto& block : *stage) {
-      y = block->forward(y); // each block on its own: plain autograd
-    }
-  }
+  // kStored: each block's own forward, with plain autograd.
+  auto y = torchrev::run_stage(stage, x, mode);
   y.pow(2).mean().backward();
   return meter.peak_bytes() - before;
 }
@@ -72,9 +66,11 @@ int main() {
     stage->push_back(ConvBlock());
   }
   auto x = torch::randn({kBatch, kChannels, kSide, kSide});
-  step_peak(stage, x, true); // warm-up: allocates the gradients
-  const size_t reversible = step_peak(stage, x, true);
-  const size_t plain = step_peak(stage, x, false);
+  // Warm-up: allocates the gradients.
+  step_peak(stage, x, torchrev::StageMode::kReversible);
+  const size_t reversible =
+      step_peak(stage, x, torchrev::StageMode::kReversible);
+  const size_t plain = step_peak(stage, x, torchrev::StageMode::kStored);
   fmt::print(
       "{} blocks, input {}x{}x{}x{}\n",
       kDepth,

@@ -88,7 +88,7 @@ class AffineBlockBase : public CouplingBlockBase {
   std::pair<torch::Tensor, torch::Tensor> scale_and_shift(
       const torch::Tensor& half,
       const torch::Tensor& h) const {
-    const int64_t dim = split_dim(half);
+    const int64_t dim = detail::resolved_split_dim(*this, half);
     auto expected = half.sizes().vec();
     expected[dim] *= 2;
     TORCH_CHECK(

@@ -142,8 +142,8 @@ inline double check_error(const torch::Tensor& a, const torch::Tensor& b) {
     return INFINITY;
   }
   const auto a64 = a.to(torch::kFloat64), b64 = b.to(torch::kFloat64);
-  const double scale = b64.abs().max().item<double>();
-  const double diff = (a64 - b64).abs().max().item<double>();
+  const auto scale = b64.abs().max().item<double>();
+  const auto diff = (a64 - b64).abs().max().item<double>();
   return scale == 0.0 ? diff : diff / scale;
 }
 

@@ -13,168 +13,28 @@
 // memory grows with the number of checkpointed segments (one stored input
 // each), but it works for any module, including ones that change shape.
 
-#include <torchrev/detail/autocast_state.h>
+#include <torchrev/autograd/checkpoint_function.h>
 #include <torchrev/detail/concurrent_use.h>
-#include <torchrev/detail/gradient_sink.h>
-#include <torchrev/detail/outside_dependencies.h>
-#include <torchrev/detail/replay_checks.h>
-#include <torchrev/detail/rng_state.h>
-#include <torchrev/recompute.h>
-#include <torchrev/rev_block.h>
+#include <torchrev/detail/unique_tensors.h>
 
-#include <ATen/core/ivalue.h>
-#include <torch/autograd.h>
+#include <torch/arg.h>
 #include <torch/nn/cloneable.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/any.h>
+#include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
 #include <ostream>
-#include <type_traits>
-#include <unordered_set>
 #include <utility>
 #include <vector>
 
 namespace torchrev {
-namespace autograd {
-
-/// The parameters of `modules` that require grad, each once.
-inline std::vector<torch::Tensor> trainable_parameters(
-    const std::vector<std::shared_ptr<torch::nn::Module>>& modules) {
-  std::vector<torch::Tensor> params;
-  std::unordered_set<const void*> seen;
-  for (const auto& module : modules) {
-    for (const auto& p : detail::trainable_parameters(*module)) {
-      if (seen.insert(p.unsafeGetTensorImpl()).second) {
-        params.push_back(p);
-      }
-    }
-  }
-  return params;
-}
-
-/// What a `CheckpointFunction` forward hands to its backward.
-struct CheckpointState : torch::CustomClassHolder {
-  /// The modules whose parameters are inputs and whose norm layers must not
-  /// update their statistics twice.
-  std::vector<std::shared_ptr<torch::nn::Module>> modules;
-  /// The computation, `module`'s forward.
-  std::function<torch::Tensor(const torch::Tensor&)> function;
-  bool preserve_rng_state = true;
-  /// The parameters passed to forward and their versions then.
-  std::vector<torch::Tensor> params;
-  std::vector<uint32_t> param_versions;
-  detail::RngState rng;
-  detail::AutocastState autocast;
-};
-
-/// Stores only its input; recomputes the forward in backward.
-struct CheckpointFunction
-    : public torch::autograd::Function<CheckpointFunction> {
-  static torch::Tensor forward(
-      torch::autograd::AutogradContext* ctx,
-      c10::intrusive_ptr<CheckpointState> state,
-      const torch::Tensor& x,
-      torch::TensorList params) {
-    state->params = params.vec();
-    state->param_versions = detail::versions(params);
-    state->autocast = detail::AutocastState::current();
-    if (state->preserve_rng_state) {
-      state->rng = detail::RngState::capture(x.device());
-    }
-    torch::Tensor y;
-    {
-      // No grad-less casts of the weights may outlive this forward.
-      detail::AutocastCacheDisabledGuard no_autocast_cache;
-      y = state->function(x);
-    }
-    ctx->save_for_backward({x});
-    ctx->saved_data["state"] = c10::IValue::make_capsule(state);
-    return y;
-  }
-
-  static torch::autograd::variable_list backward(
-      torch::autograd::AutogradContext* ctx,
-      torch::autograd::variable_list grad_outputs) {
-    TORCH_CHECK(
-        !torch::GradMode::is_enabled(),
-        "torchrev::checkpoint does not support double backward "
-        "(create_graph=true)");
-    auto saved = ctx->get_saved_variables();
-    auto state = c10::static_intrusive_pointer_cast<CheckpointState>(
-        ctx->saved_data["state"].toCapsule());
-    const auto& params = state->params;
-    detail::check_same_parameters(
-        trainable_parameters(state->modules), params, "torchrev::checkpoint");
-    if (!params.empty()) { // then there is a module to name them by
-      detail::check_versions(
-          params,
-          state->param_versions,
-          *state->modules.front(),
-          "torchrev::checkpoint");
-    }
-    const bool input_needs_grad = saved[0].requires_grad();
-    auto x = saved[0].detach().requires_grad_(input_needs_grad);
-    // The recomputed graph leads to private sinks instead of the parameters'
-    // accumulators until the gradients are taken, so parameter hooks run once,
-    // in the outer backward (see detail/gradient_sink.h).
-    detail::GradientSinkGuard sinks(params);
-    std::deque<detail::BlockUse> uses;
-    for (const auto& module : state->modules) {
-      uses.emplace_back(
-          module.get(),
-          detail::BlockUse::Kind::kRecompute,
-          "torchrev::checkpoint (" + module->name() + ")");
-    }
-    torch::Tensor y;
-    detail::RecomputeScope scope;
-    {
-      torch::AutoGradMode enable_grad(true);
-      detail::AutocastStateGuard autocast(state->autocast);
-      detail::RecomputeGuard recompute(state->modules);
-      detail::ForkedRngGuard rng(state->rng, x.device());
-      y = state->function(x);
-    }
-    detail::check_no_outside_dependencies(
-        y,
-        x,
-        params,
-        scope,
-        "torchrev::checkpoint",
-        "the checkpointed function");
-    torch::autograd::variable_list grads(2 + params.size());
-    if (!y.requires_grad()) {
-      return grads;
-    }
-    torch::autograd::variable_list inputs;
-    if (input_needs_grad) {
-      inputs.push_back(x);
-    }
-    inputs.insert(inputs.end(), params.begin(), params.end());
-    auto computed = torch::autograd::grad(
-        {y},
-        inputs,
-        {grad_outputs[0]},
-        /*retain_graph=*/false,
-        /*create_graph=*/false,
-        /*allow_unused=*/true);
-    // Slots: state (not a tensor), x, then the parameters.
-    const size_t first_param = input_needs_grad ? 1 : 0;
-    if (input_needs_grad) {
-      grads[1] = computed[0];
-    }
-    for (size_t k = 0; k < params.size(); ++k) {
-      grads[2 + k] = computed[first_param + k];
-    }
-    return grads;
-  }
-};
-
-} // namespace autograd
 
 /// Runs `function` on `x` with gradient checkpointing when training (grad
 /// mode on, and `x` or a parameter of `modules` requires grad), plainly
@@ -199,7 +59,7 @@ inline torch::Tensor checkpoint(
         detail::BlockUse::Kind::kForward,
         "torchrev::checkpoint (" + module->name() + ")");
   }
-  auto params = autograd::trainable_parameters(modules);
+  auto params = detail::trainable_parameters(modules);
   if (!torch::GradMode::is_enabled() ||
       (!x.requires_grad() && params.empty())) {
     return function(x);
@@ -215,9 +75,65 @@ inline torch::Tensor checkpoint(
 /// Runs a module holder (e.g. `torch::nn::Sequential`) with checkpointing.
 template <typename ModuleHolder>
 torch::Tensor checkpoint(ModuleHolder module, const torch::Tensor& x) {
-  auto ptr = module.ptr();
+  const auto& ptr = module.ptr();
   return checkpoint(
       {ptr}, [ptr](const torch::Tensor& in) { return ptr->forward(in); }, x);
+}
+
+/// Runs `sequential` in `segments` segments of consecutive modules, each but
+/// the last with gradient checkpointing, and returns its output, like
+/// PyTorch's `torch.utils.checkpoint.checkpoint_sequential`: the segments
+/// hold size / segments modules (the last one the rest), and the last runs
+/// plainly, since backward needs its activations at once. Training then
+/// stores one input per segment and the last segment's activations, and
+/// runs every other segment's forward twice.
+///
+/// ```
+/// torch::nn::Sequential body(/* 16 layers */);
+/// auto y = torchrev::checkpoint_sequential(body, 4, x); // 4 segments of 4
+/// ```
+inline torch::Tensor checkpoint_sequential(
+    const torch::nn::Sequential& sequential,
+    int64_t segments,
+    const torch::Tensor& x,
+    bool preserve_rng_state = true) {
+  const auto size = static_cast<int64_t>(sequential->size());
+  TORCH_CHECK(
+      segments >= 1 && segments <= std::max<int64_t>(size, 1),
+      "torchrev::checkpoint_sequential: expected between 1 and ",
+      std::max<int64_t>(size, 1),
+      " segments for a Sequential of ",
+      size,
+      " modules, but got ",
+      segments);
+  const int64_t segment_size = size / segments;
+  // The modules of [begin, end) with their forward (AnyModule copies share
+  // the module).
+  const auto run = [&sequential](int64_t begin, int64_t end) {
+    std::vector<torch::nn::AnyModule> modules(
+        sequential->begin() + begin, sequential->begin() + end);
+    return [modules](const torch::Tensor& in) mutable {
+      torch::Tensor out = in;
+      for (auto& module : modules) {
+        out = module.forward(out);
+      }
+      return out;
+    };
+  };
+  torch::Tensor y = x;
+  int64_t begin = 0;
+  for (int64_t s = 0; s + 1 < segments; ++s, begin += segment_size) {
+    std::vector<std::shared_ptr<torch::nn::Module>> modules;
+    for (int64_t k = begin; k < begin + segment_size; ++k) {
+      modules.push_back(sequential->ptr(static_cast<size_t>(k)));
+    }
+    y = checkpoint(
+        std::move(modules),
+        run(begin, begin + segment_size),
+        y,
+        preserve_rng_state);
+  }
+  return run(begin, size)(y);
 }
 
 /// Options for `Checkpoint`.

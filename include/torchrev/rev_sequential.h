@@ -14,12 +14,15 @@
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
+#include <c10/util/Type.h>
+
 #include <cstddef>
 #include <deque>
 #include <memory>
 #include <ostream>
 #include <string>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -187,7 +190,7 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
       for (size_t i = 0; i < blocks_.size(); ++i) {
         auto* coupling = dynamic_cast<CouplingBlockBase*>(blocks_[i].get());
         y = coupling != nullptr
-            ? coupling->forward_checked(y, block_name(i))
+            ? detail::forward_checked(*coupling, y, block_name(i))
             : detail::checked_forward(*blocks_[i], y, block_name(i));
       }
       return y;
@@ -241,7 +244,7 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
     for (size_t i = blocks_.size(); i-- > 0;) {
       auto* coupling = dynamic_cast<CouplingBlockBase*>(blocks_[i].get());
       if (coupling != nullptr) {
-        x = coupling->inverse_checked(x, block_name(i));
+        x = detail::inverse_checked(*coupling, x, block_name(i));
       } else {
         detail::RecomputeGuard recompute(*blocks_[i]);
         x = detail::checked_inverse(*blocks_[i], x, block_name(i));
@@ -275,16 +278,40 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
     return std::dynamic_pointer_cast<T>(ptr(index));
   }
 
-  /// The member at `index`.
-  InvertibleModule& operator[](size_t index) const {
-    return *ptr(index);
+  /// The member at `index`, cast to `T`; an error names both types if it is
+  /// not a `T` (like `torch::nn::Sequential::at`).
+  template <typename T>
+  T& at(size_t index) const {
+    static_assert(
+        std::is_base_of<InvertibleModule, T>::value,
+        "T must derive from torchrev::InvertibleModule");
+    auto member = ptr(index);
+    auto* cast = dynamic_cast<T*>(member.get());
+    TORCH_CHECK(
+        cast != nullptr,
+        "torchrev::RevSequential: could not cast member ",
+        index,
+        " (",
+        member->name(),
+        ") to type ",
+        c10::demangle(typeid(T).name()));
+    return *cast;
   }
 
-  /// Iterators over the blocks.
-  std::vector<std::shared_ptr<InvertibleModule>>::const_iterator begin() const {
+  /// The member at `index`, as the base class (like
+  /// `torch::nn::Sequential::operator[]`).
+  std::shared_ptr<InvertibleModule> operator[](size_t index) const {
+    return ptr(index);
+  }
+
+  /// Iterators over the members, each a
+  /// `std::shared_ptr<InvertibleModule>`.
+  using ConstIterator =
+      std::vector<std::shared_ptr<InvertibleModule>>::const_iterator;
+  ConstIterator begin() const {
     return blocks_.begin();
   }
-  std::vector<std::shared_ptr<InvertibleModule>>::const_iterator end() const {
+  ConstIterator end() const {
     return blocks_.end();
   }
 

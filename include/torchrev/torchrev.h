@@ -22,6 +22,7 @@
 #include <torchrev/recompute.h>
 #include <torchrev/rev_block.h>
 #include <torchrev/rev_sequential.h>
+#include <torchrev/stage_mode.h>
 #include <torchrev/version.h>
 
 #include <torch/torch.h>

@@ -67,6 +67,8 @@
 #include <torchrev/coupling_block.h>
 #include <torchrev/detail/autocast_state.h>
 #include <torchrev/detail/concurrent_use.h>
+#include <torchrev/detail/forward_replay.h>
+#include <torchrev/detail/function_state.h>
 #include <torchrev/detail/gradient_sink.h>
 #include <torchrev/detail/outside_dependencies.h>
 #include <torchrev/detail/replay_checks.h>
@@ -156,6 +158,23 @@ struct RevStageState : torch::CustomClassHolder {
   /// for a coupling block; for another member, its whole output in `first`.
   std::vector<Halves> reconstructed;
 
+  /// The generator states to replay block i's F (or a member's inverse and
+  /// forward) from: none, so the current ones, without `preserve_rng_state`.
+  const detail::RngState& replayed_rng_before_f(size_t i) const {
+    return preserve_rng_state ? rng_before_f[i] : no_rng_state();
+  }
+
+  /// The generator states to replay block i's G from, like
+  /// `replayed_rng_before_f`.
+  const detail::RngState& replayed_rng_before_g(size_t i) const {
+    return preserve_rng_state ? rng_before_g[i] : no_rng_state();
+  }
+
+  static const detail::RngState& no_rng_state() {
+    static const detail::RngState none;
+    return none;
+  }
+
   /// How many tensors block i's node takes: two halves after a coupling
   /// block, else one.
   size_t num_inputs(size_t i) const {
@@ -192,8 +211,8 @@ struct RevStageState : torch::CustomClassHolder {
     }
     torch::NoGradGuard no_grad;
     const auto reference = forward_inputs[j].to(torch::kFloat64);
-    const double scale = reference.abs().max().item<double>();
-    const double diff =
+    const auto scale = reference.abs().max().item<double>();
+    const auto diff =
         (rebuilt.to(torch::kFloat64) - reference).abs().max().item<double>();
     const double error = scale == 0.0 ? diff : diff / scale;
     forward_inputs[j] = torch::Tensor();
@@ -221,7 +240,7 @@ struct RevStageState : torch::CustomClassHolder {
 struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx,
-      c10::intrusive_ptr<RevStageState> state,
+      const c10::intrusive_ptr<RevStageState>& state,
       int64_t index,
       torch::TensorList inputs,
       torch::TensorList params) {
@@ -259,7 +278,7 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     state->param_versions[i] = detail::versions(params);
     const detail::RngState& rng_before =
         i == 0 ? detail::RngState() : state->rng_before_g[i - 1];
-    ctx->saved_data["state"] = c10::IValue::make_capsule(state);
+    detail::save_state(ctx, state);
     ctx->saved_data["index"] = index;
     if (state->drift && (i == 0 || !state->keeps_output(i - 1))) {
       // Drift tracking: the input as computed, to compare the backward's
@@ -305,14 +324,14 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     if (state->preserve_rng_state) {
       state->rng_before_f[i] = detail::RngState::capture(device, rng_before);
     }
-    auto y1 = block->checked_couple(
-        h.first, block->checked_f(h.second, where), where);
+    auto y1 = detail::checked_couple(
+        *block, h.first, detail::checked_f(*block, h.second, where), where);
     if (state->preserve_rng_state) {
       state->rng_before_g[i] =
           detail::RngState::capture(device, state->rng_before_f[i]);
     }
-    auto y2 =
-        block->checked_couple(h.second, block->checked_g(y1, where), where);
+    auto y2 = detail::checked_couple(
+        *block, h.second, detail::checked_g(*block, y1, where), where);
     h = Halves();
 
     if (i + 1 < state->blocks.size()) {
@@ -337,14 +356,12 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       // and keeps no other reference to them, so the backward can take them
       // and reuse or release their memory (1.x keeps a copy of its own).
       torch::autograd::variable_list& grad_outputs) {
-    TORCH_CHECK(
-        !torch::GradMode::is_enabled(),
+    auto state = detail::state_for_backward<RevStageState>(
+        ctx,
         "torchrev::RevSequential does not support double backward "
         "(create_graph=true): its backward recomputes activations outside "
         "the graph. Use plain autograd (e.g. blocks in a "
         "torch::nn::Sequential) for higher-order gradients.");
-    auto state = c10::static_intrusive_pointer_cast<RevStageState>(
-        ctx->saved_data["state"].toCapsule());
     const auto i = static_cast<size_t>(ctx->saved_data["index"].toInt());
     if (state->couplings[i] == nullptr) {
       return backward_invertible(ctx, *state, i, grad_outputs);
@@ -432,19 +449,16 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       torch::Tensor g_out;
       detail::RecomputeScope g_scope;
       {
-        detail::AutocastStateGuard autocast(state->autocast);
-        detail::ForkedRngGuard rng(
-            state->preserve_rng_state ? state->rng_before_g[i]
-                                      : detail::RngState(),
-            y1_leaf.device());
-        g_out = block.checked_g(y1_leaf, where);
+        detail::ForwardReplayGuard replay(
+            state->autocast, state->replayed_rng_before_g(i), y1_leaf.device());
+        g_out = detail::checked_g(block, y1_leaf, where);
       }
       detail::check_no_outside_dependencies(
           g_out, y1_leaf, params, g_scope, where, "G");
       // dx2's share from the coupling: dy2 itself when additive.
       torch::Tensor dx2_coupling;
       torch::autograd::variable_list g_grads;
-      if (block.is_additive()) {
+      if (detail::is_additive(block)) {
         // G's backward first, then the reconstruction: x2 is not needed
         // before F, and allocating it after G's backward keeps it out of
         // that backward's peak.
@@ -481,16 +495,13 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       torch::Tensor f_out;
       detail::RecomputeScope f_scope;
       {
-        detail::AutocastStateGuard autocast(state->autocast);
-        detail::ForkedRngGuard rng(
-            state->preserve_rng_state ? state->rng_before_f[i]
-                                      : detail::RngState(),
-            x2_leaf.device());
-        f_out = block.checked_f(x2_leaf, where);
+        detail::ForwardReplayGuard replay(
+            state->autocast, state->replayed_rng_before_f(i), x2_leaf.device());
+        f_out = detail::checked_f(block, x2_leaf, where);
       }
       detail::check_no_outside_dependencies(
           f_out, x2_leaf, params, f_scope, where, "F");
-      if (block.is_additive()) {
+      if (detail::is_additive(block)) {
         auto f_grads = differentiate(f_out, {x2_leaf}, params, dx.first);
         x2_leaf = torch::Tensor();
         x.first = y.first - f_out.detach();
@@ -575,7 +586,7 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       const std::string& where) {
     torch::NoGradGuard no_grad;
     detail::AutocastStateGuard autocast(state.autocast);
-    return block.checked_uncouple(y, h.detach(), where);
+    return detail::checked_uncouple(block, y, h.detach(), where);
   }
 
   /// couple(x, h), recorded by autograd, under the forward's autocast state.
@@ -586,7 +597,7 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       const RevStageState& state,
       const std::string& where) {
     detail::AutocastStateGuard autocast(state.autocast);
-    return block.checked_couple(x, h, where);
+    return detail::checked_couple(block, x, h, where);
   }
 
   /// The backward of a member that is only invertible (not a coupling
@@ -631,13 +642,10 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       detail::BlockUse exclusive(
           &member, detail::BlockUse::Kind::kRecompute, where);
       detail::RecomputeGuard recompute(member);
-      const detail::RngState none;
-      const detail::RngState& rng =
-          state.preserve_rng_state ? state.rng_before_f[i] : none;
+      const detail::RngState& rng = state.replayed_rng_before_f(i);
       {
         torch::NoGradGuard no_grad;
-        detail::AutocastStateGuard autocast(state.autocast);
-        detail::ForkedRngGuard replay(rng, y.device());
+        detail::ForwardReplayGuard replay(state.autocast, rng, y.device());
         x = detail::checked_inverse(member, y, state.input_sizes[i], where);
       }
       if (x.is_alias_of(y)) {
@@ -652,8 +660,7 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       detail::GradientSinkGuard sinks(params);
       detail::RecomputeScope scope;
       {
-        detail::AutocastStateGuard autocast(state.autocast);
-        detail::ForkedRngGuard replay(rng, x_leaf.device());
+        detail::ForwardReplayGuard replay(state.autocast, rng, x_leaf.device());
         y_again = detail::checked_forward(member, x_leaf, where);
       }
       detail::check_no_outside_dependencies(
@@ -697,9 +704,10 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       const CouplingBlockBase& block,
       const torch::Tensor& t,
       const std::string& where) {
-    block.check_splittable(t, where);
-    auto [a, b] = block.split(t);
-    return Halves{std::move(a), std::move(b), block.split_dim(t)};
+    detail::check_splittable(block, t, where);
+    auto [a, b] = detail::split_halves(block, t);
+    return Halves{
+        std::move(a), std::move(b), detail::resolved_split_dim(block, t)};
   }
 
   /// `h` split the way `block` splits: unchanged when the previous block
@@ -708,7 +716,7 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       const CouplingBlockBase& block,
       Halves h,
       const std::string& where) {
-    if (block.split_dim(h.first) == h.dim) {
+    if (detail::resolved_split_dim(block, h.first) == h.dim) {
       return h;
     }
     return split_checked(block, torch::cat({h.first, h.second}, h.dim), where);
@@ -746,8 +754,10 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
   /// and no gradient shares its memory), else into a new tensor.
   /// (Summing into `d` instead, when nothing else refers to it, saves an
   /// allocation but measured no lower peak, so it is not done.)
+  // `d` by value: the caller moves its gradient in, and it is released as
+  // soon as the sum is done.
   static torch::Tensor add_gradients(
-      torch::Tensor d,
+      torch::Tensor d, // NOLINT(performance-unnecessary-value-param)
       torch::Tensor dy,
       bool write_dy) {
     if (!d.defined()) {

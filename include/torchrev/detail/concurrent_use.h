@@ -97,7 +97,7 @@ class BlockUse {
 
   static Registry& registry() {
     // Never destroyed: guards may run during static destruction.
-    static Registry* r = new Registry();
+    static auto* r = new Registry();
     return *r;
   }
 

@@ -78,7 +78,7 @@ class GradientSinkGuard {
     saved_.reserve(params.size());
     try {
       for (const auto& param : params) {
-        NodePtr sink = make_node<NodePtr, GradientSink>(param);
+        auto sink = make_node<NodePtr, GradientSink>(param);
         saved_.push_back(
             {param,
              torch::autograd::impl::try_get_grad_accumulator(param),
@@ -121,11 +121,12 @@ class GradientSinkGuard {
   /// where the parameter still points at this guard's sink (a nested guard
   /// restores its own first).
   void restore() noexcept {
-    for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) {
-      if (torch::autograd::impl::try_get_grad_accumulator(it->param).get() ==
-          it->sink.get()) {
+    for (size_t k = saved_.size(); k-- > 0;) {
+      const Entry& entry = saved_[k];
+      if (torch::autograd::impl::try_get_grad_accumulator(entry.param).get() ==
+          entry.sink.get()) {
         torch::autograd::impl::set_grad_accumulator(
-            it->param, WeakNodePtr(it->accumulator));
+            entry.param, WeakNodePtr(entry.accumulator));
       }
     }
     saved_.clear();

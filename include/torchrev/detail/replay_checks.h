@@ -9,7 +9,7 @@
 // reports the first as "modified by an inplace operation"; these checks make
 // torchrev report all of them, naming the block and the parameter or module.
 
-#include <torchrev/rev_block.h>
+#include <torchrev/detail/unique_tensors.h>
 
 #include <torch/nn/module.h>
 #include <torch/types.h>

@@ -5,6 +5,7 @@
 #include <c10/core/Device.h>
 #include <torch/types.h>
 
+#include <exception>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -100,7 +101,20 @@ class ForkedRngGuard {
     }
   }
   ~ForkedRngGuard() {
-    current_.restore();
+    // A destructor must not throw (it may run while an exception from the
+    // replayed computation unwinds); setting a state the generator itself
+    // produced does not fail in practice, but if it did, say so.
+    try {
+      current_.restore();
+    } catch (const std::exception& e) {
+      try {
+        TORCH_WARN(
+            "torchrev: could not restore the random generators after a "
+            "recompute: ",
+            e.what());
+      } catch (...) { // a warning handler that throws
+      }
+    }
   }
   ForkedRngGuard(const ForkedRngGuard&) = delete;
   ForkedRngGuard& operator=(const ForkedRngGuard&) = delete;

@@ -33,7 +33,7 @@ class CPUMemoryMeter final : public c10::Allocator {
   /// The process's meter (not necessarily installed).
   static CPUMemoryMeter& instance() {
     // Never destroyed: tensors it allocated may outlive static destruction.
-    static CPUMemoryMeter* meter = new CPUMemoryMeter();
+    static auto* meter = new CPUMemoryMeter();
     return *meter;
   }
 

@@ -16,8 +16,11 @@
 namespace torchrev {
 namespace models {
 
-/// 2-d convolution without bias (every one is followed by a BatchNorm).
-inline torch::nn::Conv2d conv2d(
+/// The zoo's convolution: no bias (every one feeds a BatchNorm, whose shift
+/// makes a bias redundant) and a padding of kernel / 2, which keeps the
+/// input's height and width at stride 1. Unlike a plain `torch::nn::Conv2d`
+/// with default options.
+inline torch::nn::Conv2d conv_no_bias(
     int64_t in,
     int64_t out,
     int64_t kernel,
@@ -28,6 +31,39 @@ inline torch::nn::Conv2d conv2d(
                                .bias(false));
 }
 
+/// Which residual function a block computes.
+enum class ResidualKind {
+  /// Two 3x3 convolutions (`basic_residual`).
+  kBasic,
+  /// 1x1, 3x3 and 1x1 convolutions at a quarter of the width
+  /// (`bottleneck_residual`).
+  kBottleneck,
+};
+
+/// `ResidualKind::kBottleneck` if `bottleneck`, else `kBasic`.
+inline ResidualKind residual_kind(bool bottleneck) {
+  return bottleneck ? ResidualKind::kBottleneck : ResidualKind::kBasic;
+}
+
+/// Options of the blocks that change width or resolution
+/// (`ResidualBlock`, `RevTransitionBlock`).
+///
+/// ```
+/// torchrev::models::RevTransitionBlock block(
+///     torchrev::models::ResidualBlockOptions(32, 64).stride(2));
+/// ```
+struct ResidualBlockOptions {
+  ResidualBlockOptions(int64_t in, int64_t out) : in_(in), out_(out) {}
+  /// Input channels.
+  TORCH_ARG(int64_t, in);
+  /// Output channels.
+  TORCH_ARG(int64_t, out);
+  /// Stride of the first convolution (and of the projection shortcut).
+  TORCH_ARG(int64_t, stride) = 1;
+  /// Basic or bottleneck residual function.
+  TORCH_ARG(ResidualKind, kind) = ResidualKind::kBasic;
+};
+
 /// Pre-activation basic residual function, two 3x3 convolutions:
 /// BN-ReLU-conv3x3(in->out, stride)-BN-ReLU-conv3x3(out->out).
 inline torch::nn::Sequential basic_residual(
@@ -37,10 +73,10 @@ inline torch::nn::Sequential basic_residual(
   return torch::nn::Sequential(
       torch::nn::BatchNorm2d(in),
       torch::nn::ReLU(),
-      conv2d(in, out, 3, stride),
+      conv_no_bias(in, out, 3, stride),
       torch::nn::BatchNorm2d(out),
       torch::nn::ReLU(),
-      conv2d(out, out, 3));
+      conv_no_bias(out, out, 3));
 }
 
 /// Pre-activation bottleneck residual function, 1x1-3x3-1x1 convolutions
@@ -58,23 +94,24 @@ inline torch::nn::Sequential bottleneck_residual(
   return torch::nn::Sequential(
       torch::nn::BatchNorm2d(in),
       torch::nn::ReLU(),
-      conv2d(in, inner, 1),
+      conv_no_bias(in, inner, 1),
       torch::nn::BatchNorm2d(inner),
       torch::nn::ReLU(),
-      conv2d(inner, inner, 3, stride),
+      conv_no_bias(inner, inner, 3, stride),
       torch::nn::BatchNorm2d(inner),
       torch::nn::ReLU(),
-      conv2d(inner, out, 1));
+      conv_no_bias(inner, out, 1));
 }
 
 /// The residual function of a block: basic or bottleneck.
 inline torch::nn::Sequential residual(
-    bool bottleneck,
+    ResidualKind kind,
     int64_t in,
     int64_t out,
     int64_t stride = 1) {
-  return bottleneck ? bottleneck_residual(in, out, stride)
-                    : basic_residual(in, out, stride);
+  return kind == ResidualKind::kBottleneck
+      ? bottleneck_residual(in, out, stride)
+      : basic_residual(in, out, stride);
 }
 
 /// The shortcut of a block that changes width or resolution: a strided 1x1
@@ -82,23 +119,42 @@ inline torch::nn::Sequential residual(
 inline torch::nn::Sequential shortcut(int64_t in, int64_t out, int64_t stride) {
   torch::nn::Sequential seq;
   if (in != out || stride != 1) {
-    seq->push_back(conv2d(in, out, 1, stride));
+    seq->push_back(conv_no_bias(in, out, 1, stride));
   }
   return seq;
 }
+
+namespace detail {
+
+/// "[in -> out, stride=s, bottleneck]": square brackets, as LibTorch prints
+/// a module's children in parentheses after.
+inline void print_block_options(
+    std::ostream& stream,
+    const ResidualBlockOptions& options) {
+  stream << "[" << options.in() << " -> " << options.out()
+         << ", stride=" << options.stride()
+         << (options.kind() == ResidualKind::kBottleneck ? ", bottleneck" : "")
+         << "]";
+}
+
+} // namespace detail
 
 /// An ordinary (stored-activation) pre-activation residual block:
 /// y = shortcut(x) + residual(x). The unit of the vanilla ResNets.
 class ResidualBlockImpl : public torch::nn::Cloneable<ResidualBlockImpl> {
  public:
-  ResidualBlockImpl(bool bottleneck, int64_t in, int64_t out, int64_t stride)
-      : bottleneck_(bottleneck), in_(in), out_(out), stride_(stride) {
+  explicit ResidualBlockImpl(ResidualBlockOptions options_)
+      : options(std::move(options_)) {
     reset();
   }
 
   void reset() override {
-    body = register_module("body", residual(bottleneck_, in_, out_, stride_));
-    skip = register_module("skip", shortcut(in_, out_, stride_));
+    body = register_module(
+        "body",
+        residual(
+            options.kind(), options.in(), options.out(), options.stride()));
+    skip = register_module(
+        "skip", shortcut(options.in(), options.out(), options.stride()));
   }
 
   torch::Tensor forward(const torch::Tensor& x) {
@@ -107,17 +163,12 @@ class ResidualBlockImpl : public torch::nn::Cloneable<ResidualBlockImpl> {
   }
 
   void pretty_print(std::ostream& stream) const override {
-    // Square brackets: LibTorch prints the children in parentheses after.
-    stream << "torchrev::models::ResidualBlock[" << in_ << " -> " << out_
-           << ", stride=" << stride_ << (bottleneck_ ? ", bottleneck" : "")
-           << "]";
+    stream << "torchrev::models::ResidualBlock";
+    detail::print_block_options(stream, options);
   }
 
+  ResidualBlockOptions options;
   torch::nn::Sequential body{nullptr}, skip{nullptr};
-
- private:
-  bool bottleneck_;
-  int64_t in_, out_, stride_;
 };
 TORCH_MODULE(ResidualBlock);
 
@@ -133,27 +184,25 @@ TORCH_MODULE(ResidualBlock);
 class RevTransitionBlockImpl
     : public torch::nn::Cloneable<RevTransitionBlockImpl> {
  public:
-  RevTransitionBlockImpl(
-      bool bottleneck,
-      int64_t in,
-      int64_t out,
-      int64_t stride)
-      : bottleneck_(bottleneck), in_(in), out_(out), stride_(stride) {
+  explicit RevTransitionBlockImpl(ResidualBlockOptions options_)
+      : options(std::move(options_)) {
     TORCH_CHECK(
-        in % 2 == 0 && out % 2 == 0,
+        options.in() % 2 == 0 && options.out() % 2 == 0,
         "torchrev::models::RevTransitionBlock: widths must be even to split "
         "into halves, got ",
-        in,
+        options.in(),
         " -> ",
-        out);
+        options.out());
     reset();
   }
 
   void reset() override {
-    f = register_module("f", residual(bottleneck_, in_ / 2, out_ / 2, stride_));
-    g = register_module("g", residual(bottleneck_, out_ / 2, out_ / 2, 1));
-    skip1 = register_module("skip1", shortcut(in_ / 2, out_ / 2, stride_));
-    skip2 = register_module("skip2", shortcut(in_ / 2, out_ / 2, stride_));
+    const int64_t in = options.in() / 2, out = options.out() / 2;
+    const int64_t stride = options.stride();
+    f = register_module("f", residual(options.kind(), in, out, stride));
+    g = register_module("g", residual(options.kind(), out, out, 1));
+    skip1 = register_module("skip1", shortcut(in, out, stride));
+    skip2 = register_module("skip2", shortcut(in, out, stride));
   }
 
   torch::Tensor forward(const torch::Tensor& x) {
@@ -166,17 +215,12 @@ class RevTransitionBlockImpl
   }
 
   void pretty_print(std::ostream& stream) const override {
-    // Square brackets: LibTorch prints the children in parentheses after.
-    stream << "torchrev::models::RevTransitionBlock[" << in_ << " -> " << out_
-           << ", stride=" << stride_ << (bottleneck_ ? ", bottleneck" : "")
-           << "]";
+    stream << "torchrev::models::RevTransitionBlock";
+    detail::print_block_options(stream, options);
   }
 
+  ResidualBlockOptions options;
   torch::nn::Sequential f{nullptr}, g{nullptr}, skip1{nullptr}, skip2{nullptr};
-
- private:
-  bool bottleneck_;
-  int64_t in_, out_, stride_;
 };
 TORCH_MODULE(RevTransitionBlock);
 
@@ -184,14 +228,16 @@ TORCH_MODULE(RevTransitionBlock);
 /// width / 2 channels).
 using PreActRevBlock = RevBlock<torch::nn::Sequential, torch::nn::Sequential>;
 
-inline PreActRevBlock preact_rev_block(bool bottleneck, int64_t width) {
+inline PreActRevBlock preact_rev_block(
+    int64_t width,
+    ResidualKind kind = ResidualKind::kBasic) {
   TORCH_CHECK(
       width % 2 == 0,
       "torchrev::models: a reversible block needs an even width, got ",
       width);
   return PreActRevBlock(
-      residual(bottleneck, width / 2, width / 2),
-      residual(bottleneck, width / 2, width / 2));
+      residual(kind, width / 2, width / 2),
+      residual(kind, width / 2, width / 2));
 }
 
 /// A residual function that acts on the first `active` of `total` channels
@@ -202,8 +248,8 @@ inline PreActRevBlock preact_rev_block(bool bottleneck, int64_t width) {
 /// blocks compute at the paper's width.
 class SlicedResidualImpl : public torch::nn::Cloneable<SlicedResidualImpl> {
  public:
-  SlicedResidualImpl(bool bottleneck, int64_t active, int64_t total)
-      : bottleneck_(bottleneck), active_(active), total_(total) {
+  SlicedResidualImpl(int64_t active, int64_t total, ResidualKind kind)
+      : kind_(kind), active_(active), total_(total) {
     TORCH_CHECK(
         active >= 1 && active <= total,
         "torchrev::models::SlicedResidual: expected 1 <= active <= total, got "
@@ -216,7 +262,7 @@ class SlicedResidualImpl : public torch::nn::Cloneable<SlicedResidualImpl> {
   }
 
   void reset() override {
-    body = register_module("body", residual(bottleneck_, active_, active_));
+    body = register_module("body", residual(kind_, active_, active_));
   }
 
   torch::Tensor forward(const torch::Tensor& x) {
@@ -231,13 +277,13 @@ class SlicedResidualImpl : public torch::nn::Cloneable<SlicedResidualImpl> {
 
   void pretty_print(std::ostream& stream) const override {
     stream << "torchrev::models::SlicedResidual[" << active_ << " of " << total_
-           << (bottleneck_ ? ", bottleneck" : "") << "]";
+           << (kind_ == ResidualKind::kBottleneck ? ", bottleneck" : "") << "]";
   }
 
   torch::nn::Sequential body{nullptr};
 
  private:
-  bool bottleneck_;
+  ResidualKind kind_;
   int64_t active_, total_;
 };
 TORCH_MODULE(SlicedResidual);
@@ -246,29 +292,29 @@ TORCH_MODULE(SlicedResidual);
 /// `inner`: BN-ReLU-conv3x3 to `inner`, BN-ReLU-conv3x3 back; as a
 /// bottleneck, BN-ReLU-conv1x1 to inner / 4, a 3x3 and a 1x1 back.
 inline torch::nn::Sequential mixing_residual(
-    bool bottleneck,
+    ResidualKind kind,
     int64_t channels,
     int64_t inner) {
-  if (!bottleneck) {
+  if (kind == ResidualKind::kBasic) {
     return torch::nn::Sequential(
         torch::nn::BatchNorm2d(channels),
         torch::nn::ReLU(),
-        conv2d(channels, inner, 3),
+        conv_no_bias(channels, inner, 3),
         torch::nn::BatchNorm2d(inner),
         torch::nn::ReLU(),
-        conv2d(inner, channels, 3));
+        conv_no_bias(inner, channels, 3));
   }
   const int64_t m = inner / 4;
   return torch::nn::Sequential(
       torch::nn::BatchNorm2d(channels),
       torch::nn::ReLU(),
-      conv2d(channels, m, 1),
+      conv_no_bias(channels, m, 1),
       torch::nn::BatchNorm2d(m),
       torch::nn::ReLU(),
-      conv2d(m, m, 3),
+      conv_no_bias(m, m, 3),
       torch::nn::BatchNorm2d(m),
       torch::nn::ReLU(),
-      conv2d(m, channels, 1));
+      conv_no_bias(m, channels, 1));
 }
 
 /// A reversible pre-activation block on `trunk` channels whose F and G
@@ -277,7 +323,7 @@ inline torch::nn::Sequential mixing_residual(
 /// read and write the first width / 2 channels and leave the rest alone
 /// (`SlicedResidual`).
 inline PreActRevBlock sliced_rev_block(
-    bool bottleneck,
+    ResidualKind kind,
     int64_t width,
     int64_t trunk,
     bool mix_all) {
@@ -288,12 +334,12 @@ inline PreActRevBlock sliced_rev_block(
       " of ",
       trunk);
   if (width == trunk) {
-    return preact_rev_block(bottleneck, width);
+    return preact_rev_block(width, kind);
   }
   auto residual_function = [&] {
-    return mix_all ? mixing_residual(bottleneck, trunk / 2, width / 2)
-                   : torch::nn::Sequential(
-                         SlicedResidual(bottleneck, width / 2, trunk / 2));
+    return mix_all
+        ? mixing_residual(kind, trunk / 2, width / 2)
+        : torch::nn::Sequential(SlicedResidual(width / 2, trunk / 2, kind));
   };
   return PreActRevBlock(residual_function(), residual_function());
 }

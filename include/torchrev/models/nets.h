@@ -14,6 +14,7 @@
 #include <torchrev/clone_state.h>
 #include <torchrev/models/blocks.h>
 #include <torchrev/rev_sequential.h>
+#include <torchrev/stage_mode.h>
 
 #include <torch/arg.h>
 #include <torch/nn.h>
@@ -84,16 +85,9 @@ struct ResNetOptions {
   TORCH_ARG(int64_t, num_classes) = 10;
 };
 
-/// How a RevNet runs the blocks of its reversible stages.
-enum class StageMode {
-  /// As a `RevSequential`: activations reconstructed in backward.
-  kReversible,
-  /// The same blocks with plain autograd: every activation stored.
-  kStored,
-  /// The same blocks with gradient checkpointing in segments of about
-  /// sqrt(units) blocks (Chen et al. 2016).
-  kCheckpointed,
-};
+/// How a RevNet runs the blocks of its reversible stages (the core
+/// `torchrev::StageMode`, here for the models' options).
+using StageMode = torchrev::StageMode;
 
 /// Options of a RevNet. Defaults: RevNet-38.
 ///
@@ -172,7 +166,7 @@ class ResNetImpl : public detail::CloneableClassifier<ResNetImpl> {
 
   void reset() override {
     stem = register_module(
-        "stem", conv2d(options.in_channels(), options.channels()[0], 3));
+        "stem", conv_no_bias(options.in_channels(), options.channels()[0], 3));
     stages = register_module("stages", torch::nn::ModuleList());
     int64_t width = options.channels()[0];
     for (size_t s = 0; s < options.units().size(); ++s) {
@@ -181,7 +175,9 @@ class ResNetImpl : public detail::CloneableClassifier<ResNetImpl> {
       for (int64_t u = 0; u < options.units()[s]; ++u) {
         const int64_t stride = (s > 0 && u == 0) ? 2 : 1;
         stage->push_back(
-            ResidualBlock(options.bottleneck(), width, out, stride));
+            ResidualBlock(ResidualBlockOptions(width, out)
+                              .stride(stride)
+                              .kind(residual_kind(options.bottleneck()))));
         width = out;
       }
       stages->push_back(stage);
@@ -210,54 +206,6 @@ class ResNetImpl : public detail::CloneableClassifier<ResNetImpl> {
 };
 TORCH_MODULE(ResNet);
 
-namespace detail {
-
-/// Runs `stage` in `mode`: as a `RevSequential`, or its members one after
-/// the other with plain autograd (stored), or with gradient checkpointing
-/// in segments of about sqrt(size) members.
-inline torch::Tensor run_stage(
-    RevSequentialImpl& stage,
-    torch::Tensor x,
-    StageMode mode) {
-  switch (mode) {
-    case StageMode::kReversible:
-      return stage.forward(x);
-    case StageMode::kStored:
-      for (const auto& block : stage) {
-        x = block->forward(x);
-      }
-      return x;
-    case StageMode::kCheckpointed: {
-      const size_t n = stage.size();
-      const size_t segment =
-          static_cast<size_t>(std::ceil(std::sqrt(static_cast<double>(n))));
-      for (size_t begin = 0; begin < n; begin += segment) {
-        const size_t end = std::min(n, begin + segment);
-        std::vector<std::shared_ptr<torch::nn::Module>> modules;
-        std::vector<std::shared_ptr<InvertibleModule>> blocks;
-        for (size_t i = begin; i < end; ++i) {
-          blocks.push_back(stage.ptr(i));
-          modules.push_back(blocks.back());
-        }
-        x = checkpoint(
-            std::move(modules),
-            [blocks](const torch::Tensor& in) {
-              torch::Tensor out = in;
-              for (const auto& block : blocks) {
-                out = block->forward(out);
-              }
-              return out;
-            },
-            x);
-      }
-      return x;
-    }
-  }
-  TORCH_CHECK(false, "torchrev::models: unknown stage mode");
-}
-
-} // namespace detail
-
 /// A RevNet for CIFAR-sized images: ResNet layout, reversible stages.
 class RevNetImpl : public detail::CloneableClassifier<RevNetImpl> {
  public:
@@ -269,26 +217,29 @@ class RevNetImpl : public detail::CloneableClassifier<RevNetImpl> {
 
   void reset() override {
     stem = register_module(
-        "stem", conv2d(options.in_channels(), options.channels()[0], 3));
+        "stem", conv_no_bias(options.in_channels(), options.channels()[0], 3));
     transitions = register_module("transitions", torch::nn::ModuleList());
     stages = register_module("stages", torch::nn::ModuleList());
-    transition_index_.clear();
+    stage_transitions_.clear();
     int64_t width = options.channels()[0];
     for (size_t s = 0; s < options.units().size(); ++s) {
       const int64_t out = detail::stage_width(options, s);
       const int64_t stride = s > 0 ? 2 : 1;
       int64_t reversible_units = options.units()[s];
+      std::shared_ptr<RevTransitionBlockImpl> transition;
       if (width != out || stride != 1) {
-        transition_index_.push_back(static_cast<int64_t>(transitions->size()));
-        transitions->push_back(
-            RevTransitionBlock(options.bottleneck(), width, out, stride));
+        transition = std::make_shared<RevTransitionBlockImpl>(
+            ResidualBlockOptions(width, out)
+                .stride(stride)
+                .kind(residual_kind(options.bottleneck())));
+        transitions->push_back(RevTransitionBlock(transition));
         --reversible_units;
-      } else {
-        transition_index_.push_back(-1);
       }
+      stage_transitions_.push_back(std::move(transition));
       RevSequential stage;
       for (int64_t u = 0; u < reversible_units; ++u) {
-        stage->push_back(preact_rev_block(options.bottleneck(), out));
+        stage->push_back(
+            preact_rev_block(out, residual_kind(options.bottleneck())));
       }
       stages->push_back(stage);
       width = out;
@@ -300,16 +251,14 @@ class RevNetImpl : public detail::CloneableClassifier<RevNetImpl> {
   torch::Tensor forward(const torch::Tensor& images) override {
     auto x = stem(images);
     for (size_t s = 0; s < stages->size(); ++s) {
-      if (transition_index_[s] >= 0) {
-        auto block = transitions->ptr<RevTransitionBlockImpl>(
-            static_cast<size_t>(transition_index_[s]));
+      if (const auto& block = stage_transitions_[s]) {
         x = options.checkpoint_transitions()
             ? checkpoint(RevTransitionBlock(block), x)
             : block->forward(x);
       }
       auto stage = stages->ptr<RevSequentialImpl>(s);
       if (!stage->is_empty()) {
-        x = detail::run_stage(*stage, x, options.mode());
+        x = run_stage(*stage, x, options.mode());
       }
     }
     return fc(head->forward(x));
@@ -323,18 +272,17 @@ class RevNetImpl : public detail::CloneableClassifier<RevNetImpl> {
   /// the stage has none.
   std::shared_ptr<RevTransitionBlockImpl> transition(size_t stage) const {
     TORCH_CHECK(
-        stage < transition_index_.size(),
+        stage < stage_transitions_.size(),
         "torchrev::models::RevNet: no stage ",
         stage);
-    const int64_t index = transition_index_[stage];
-    return index < 0
-        ? nullptr
-        : transitions->ptr<RevTransitionBlockImpl>(static_cast<size_t>(index));
+    return stage_transitions_[stage];
   }
 
   RevNetOptions options;
   torch::nn::Conv2d stem{nullptr};
-  /// The stored (non-invertible) blocks that open stages.
+  /// The stored (non-invertible) blocks that open stages, registered as
+  /// `transitions.0`, `transitions.1`, ... (the names saved checkpoints
+  /// use); `transition(s)` finds stage s's.
   torch::nn::ModuleList transitions{nullptr};
   /// One `RevSequential` per stage.
   torch::nn::ModuleList stages{nullptr};
@@ -342,7 +290,8 @@ class RevNetImpl : public detail::CloneableClassifier<RevNetImpl> {
   torch::nn::Linear fc{nullptr};
 
  private:
-  std::vector<int64_t> transition_index_;
+  /// Per stage, the transition block that opens it, or nullptr.
+  std::vector<std::shared_ptr<RevTransitionBlockImpl>> stage_transitions_;
 };
 TORCH_MODULE(RevNet);
 
@@ -375,8 +324,8 @@ class RevNetInvImpl : public detail::CloneableClassifier<RevNetInvImpl> {
 
   void reset() override {
     int64_t trunk_width = detail::stage_width(options, 0);
-    stem =
-        register_module("stem", conv2d(options.in_channels(), trunk_width, 3));
+    stem = register_module(
+        "stem", conv_no_bias(options.in_channels(), trunk_width, 3));
     trunk = register_module("trunk", RevSequential());
     for (size_t s = 0; s < options.units().size(); ++s) {
       const int64_t width = detail::stage_width(options, s);
@@ -397,7 +346,10 @@ class RevNetInvImpl : public detail::CloneableClassifier<RevNetInvImpl> {
         // The first block of a stage mixes all channels of its halves, as
         // the paper's transition block mixes all of the previous stage's.
         trunk->push_back(sliced_rev_block(
-            options.bottleneck(), width, trunk_width, /*mix_all=*/u == 0));
+            residual_kind(options.bottleneck()),
+            width,
+            trunk_width,
+            /*mix_all=*/u == 0));
       }
     }
     head = register_module("head", detail::pool_head(trunk_width));
@@ -406,7 +358,7 @@ class RevNetInvImpl : public detail::CloneableClassifier<RevNetInvImpl> {
   }
 
   torch::Tensor forward(const torch::Tensor& images) override {
-    auto x = detail::run_stage(*trunk, stem(images), options.mode());
+    auto x = run_stage(*trunk, stem(images), options.mode());
     return fc(head->forward(x));
   }
 

@@ -456,8 +456,8 @@ class RevViTImpl : public detail::CloneableClassifier<RevViTImpl> {
 
   torch::Tensor forward(const torch::Tensor& images) override {
     auto tokens = embedding(images);
-    auto stream = detail::run_stage(
-        *blocks, torch::cat({tokens, tokens}, -1), options.mode());
+    auto stream =
+        run_stage(*blocks, torch::cat({tokens, tokens}, -1), options.mode());
     auto halves = stream.chunk(2, -1);
     return head((halves[0] + halves[1]) * 0.5);
   }

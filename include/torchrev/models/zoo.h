@@ -25,6 +25,8 @@
 #include <torchrev/models/nets.h>
 #include <torchrev/models/transformer.h>
 
+#include <algorithm>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -49,45 +51,119 @@ struct ZooOptions {
   TORCH_ARG(int64_t, depth) = 0;
 };
 
+/// The kinds of model in the zoo.
+enum class ZooFamily {
+  kResNet,
+  /// RevNet: reversible stages opened by stored transition blocks.
+  kRevNet,
+  /// Fully reversible RevNet (`RevNetInv`).
+  kRevNetInv,
+  kViT,
+  kRevViT,
+};
+
+/// One model of the zoo: its name and what it is built from. The one list
+/// of the zoo; `model_names`, `create` and the `is_*` predicates read it.
+struct ZooEntry {
+  std::string name;
+  ZooFamily family;
+  /// For the convolutional networks: units per stage, channels of the stem
+  /// and of each stage, and the residual function.
+  std::vector<int64_t> units;
+  std::vector<int64_t> channels;
+  bool bottleneck = false;
+};
+
+/// Every model of the zoo, in table order (see this file's head).
+inline const std::vector<ZooEntry>& zoo_entries() {
+  static const std::vector<ZooEntry> entries = [] {
+    const std::vector<int64_t> resnet_channels{16, 16, 32, 64};
+    std::vector<ZooEntry> list{
+        {"resnet32", ZooFamily::kResNet, {5, 5, 5}, resnet_channels},
+        {"resnet110", ZooFamily::kResNet, {18, 18, 18}, resnet_channels},
+        {"resnet164",
+         ZooFamily::kResNet,
+         {18, 18, 18},
+         resnet_channels,
+         /*bottleneck=*/true},
+    };
+    const std::vector<ZooEntry> revnets{
+        {"revnet38", ZooFamily::kRevNet, {3, 3, 3}, {32, 32, 64, 112}},
+        {"revnet110", ZooFamily::kRevNet, {9, 9, 9}, {32, 32, 64, 128}},
+        {"revnet164",
+         ZooFamily::kRevNet,
+         {9, 9, 9},
+         {32, 32, 64, 128},
+         /*bottleneck=*/true},
+        {"revnet_mini", ZooFamily::kRevNet, {1, 2, 2}, {16, 16, 32, 64}},
+    };
+    list.insert(list.end(), revnets.begin(), revnets.end());
+    // Each RevNet also comes fully reversible, with the same layout.
+    for (auto entry : revnets) {
+      entry.name += "_inv";
+      entry.family = ZooFamily::kRevNetInv;
+      list.push_back(std::move(entry));
+    }
+    list.push_back({"vit_mini", ZooFamily::kViT, {}, {}});
+    list.push_back({"revvit_mini", ZooFamily::kRevViT, {}, {}});
+    return list;
+  }();
+  return entries;
+}
+
+/// The zoo entry named `name`, or nullptr.
+inline const ZooEntry* find_zoo_entry(const std::string& name) {
+  for (const auto& entry : zoo_entries()) {
+    if (entry.name == name) {
+      return &entry;
+    }
+  }
+  return nullptr;
+}
+
 /// The names `create` accepts, in table order.
 inline std::vector<std::string> model_names() {
-  return {
-      "resnet32",
-      "resnet110",
-      "resnet164",
-      "revnet38",
-      "revnet110",
-      "revnet164",
-      "revnet_mini",
-      "revnet38_inv",
-      "revnet110_inv",
-      "revnet164_inv",
-      "revnet_mini_inv",
-      "vit_mini",
-      "revvit_mini"};
+  std::vector<std::string> names;
+  for (const auto& entry : zoo_entries()) {
+    names.push_back(entry.name);
+  }
+  return names;
 }
+
+namespace detail {
+
+inline bool is_zoo_family(
+    const std::string& name,
+    std::initializer_list<ZooFamily> families) {
+  const auto* entry = find_zoo_entry(name);
+  return entry != nullptr &&
+      std::find(families.begin(), families.end(), entry->family) !=
+      families.end();
+}
+
+} // namespace detail
 
 /// True for the names of fully reversible RevNets (`<name>_inv`).
 inline bool is_fully_reversible(const std::string& name) {
-  const std::string suffix = "_inv";
-  return name.size() > suffix.size() &&
-      name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return detail::is_zoo_family(name, {ZooFamily::kRevNetInv});
 }
 
 /// True for the names of RevNets, fully reversible ones included.
 inline bool is_revnet(const std::string& name) {
-  return name.rfind("revnet", 0) == 0;
+  return detail::is_zoo_family(
+      name, {ZooFamily::kRevNet, ZooFamily::kRevNetInv});
 }
 
 /// True for the names of vision transformers, reversible or not.
 inline bool is_transformer(const std::string& name) {
-  return name.rfind("vit", 0) == 0 || name.rfind("revvit", 0) == 0;
+  return detail::is_zoo_family(name, {ZooFamily::kViT, ZooFamily::kRevViT});
 }
 
 /// True for the names of models with reversible stages (RevNets and
 /// RevViTs): they run in any `StageMode`.
 inline bool is_reversible(const std::string& name) {
-  return is_revnet(name) || name.rfind("revvit", 0) == 0;
+  return detail::is_zoo_family(
+      name, {ZooFamily::kRevNet, ZooFamily::kRevNetInv, ZooFamily::kRevViT});
 }
 
 /// Builds the zoo model `name`. Throws a `c10::Error` that lists the valid
@@ -95,75 +171,66 @@ inline bool is_reversible(const std::string& name) {
 inline std::shared_ptr<ImageClassifier> create(
     const std::string& name,
     const ZooOptions& options = {}) {
-  auto resnet = [&](std::vector<int64_t> units, bool bottleneck) {
-    return std::make_shared<ResNetImpl>(
-        ResNetOptions()
-            .units(std::move(units))
-            .channels({16, 16, 32, 64})
-            .bottleneck(bottleneck)
-            .in_channels(options.in_channels())
-            .num_classes(options.num_classes()));
-  };
-  const bool inv = is_fully_reversible(name);
-  auto revnet = [&](std::vector<int64_t> units,
-                    std::vector<int64_t> channels,
-                    bool bottleneck) -> std::shared_ptr<ImageClassifier> {
-    auto revnet_options =
-        RevNetOptions()
-            .units(std::move(units))
-            .channels(std::move(channels))
-            .bottleneck(bottleneck)
-            .in_channels(options.in_channels())
-            .num_classes(options.num_classes())
-            .mode(options.mode())
-            .checkpoint_transitions(options.checkpoint_transitions());
-    if (inv) {
-      return std::make_shared<RevNetInvImpl>(std::move(revnet_options));
+  const auto* entry = find_zoo_entry(name);
+  if (entry == nullptr) {
+    std::string valid;
+    for (const auto& n : model_names()) {
+      valid += (valid.empty() ? "" : ", ") + n;
     }
-    return std::make_shared<RevNetImpl>(std::move(revnet_options));
-  };
+    TORCH_CHECK(
+        false,
+        "torchrev::models::create: unknown model '",
+        name,
+        "'; expected one of: ",
+        valid);
+  }
   TORCH_CHECK(
       options.depth() >= 0,
       "torchrev::models::create: depth must be >= 0 (0: the model's own), "
       "got ",
       options.depth());
-  auto vit_options = [&] {
-    return ViTOptions()
-        .image_size(options.image_size())
-        .in_channels(options.in_channels())
-        .num_classes(options.num_classes())
-        .depth(options.depth() > 0 ? options.depth() : ViTOptions().depth())
-        .mode(options.mode());
-  };
-  if (name == "vit_mini")
-    return std::make_shared<ViTImpl>(vit_options());
-  if (name == "revvit_mini")
-    return std::make_shared<RevViTImpl>(vit_options());
-  const std::string base = inv ? name.substr(0, name.size() - 4) : name;
-  if (name == "resnet32")
-    return resnet({5, 5, 5}, false);
-  if (name == "resnet110")
-    return resnet({18, 18, 18}, false);
-  if (name == "resnet164")
-    return resnet({18, 18, 18}, true);
-  if (base == "revnet38")
-    return revnet({3, 3, 3}, {32, 32, 64, 112}, false);
-  if (base == "revnet110")
-    return revnet({9, 9, 9}, {32, 32, 64, 128}, false);
-  if (base == "revnet164")
-    return revnet({9, 9, 9}, {32, 32, 64, 128}, true);
-  if (base == "revnet_mini")
-    return revnet({1, 2, 2}, {16, 16, 32, 64}, false);
-  std::string valid;
-  for (const auto& n : model_names()) {
-    valid += (valid.empty() ? "" : ", ") + n;
+  switch (entry->family) {
+    case ZooFamily::kResNet:
+      return std::make_shared<ResNetImpl>(
+          ResNetOptions()
+              .units(entry->units)
+              .channels(entry->channels)
+              .bottleneck(entry->bottleneck)
+              .in_channels(options.in_channels())
+              .num_classes(options.num_classes()));
+    case ZooFamily::kRevNet:
+    case ZooFamily::kRevNetInv: {
+      auto revnet_options =
+          RevNetOptions()
+              .units(entry->units)
+              .channels(entry->channels)
+              .bottleneck(entry->bottleneck)
+              .in_channels(options.in_channels())
+              .num_classes(options.num_classes())
+              .mode(options.mode())
+              .checkpoint_transitions(options.checkpoint_transitions());
+      if (entry->family == ZooFamily::kRevNetInv) {
+        return std::make_shared<RevNetInvImpl>(std::move(revnet_options));
+      }
+      return std::make_shared<RevNetImpl>(std::move(revnet_options));
+    }
+    case ZooFamily::kViT:
+    case ZooFamily::kRevViT: {
+      auto vit_options =
+          ViTOptions()
+              .image_size(options.image_size())
+              .in_channels(options.in_channels())
+              .num_classes(options.num_classes())
+              .depth(
+                  options.depth() > 0 ? options.depth() : ViTOptions().depth())
+              .mode(options.mode());
+      if (entry->family == ZooFamily::kRevViT) {
+        return std::make_shared<RevViTImpl>(std::move(vit_options));
+      }
+      return std::make_shared<ViTImpl>(std::move(vit_options));
+    }
   }
-  TORCH_CHECK(
-      false,
-      "torchrev::models::create: unknown model '",
-      name,
-      "'; expected one of: ",
-      valid);
+  TORCH_CHECK(false, "torchrev::models::create: unknown zoo family");
 }
 
 /// Converts every 4-d parameter and buffer of `module` to the channels-last

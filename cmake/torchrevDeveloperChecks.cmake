@@ -1,0 +1,21 @@
+# Checks on torchrev's own code, for its tests, examples and benchmarks (not
+# for projects that use torchrev: its targets carry no warning flags).
+#
+#   torchrev_target_warnings(<target>)  the compiler warnings torchrev's code
+#                                       is kept free of; errors with
+#                                       TORCHREV_WERROR (CI sets it)
+#
+# LibTorch's, GoogleTest's, fmt's and CLI11's headers come from imported
+# targets, which CMake includes as system headers: their warnings stay quiet.
+
+option(TORCHREV_WERROR "Treat warnings in torchrev's own code as errors" OFF)
+
+function(torchrev_target_warnings target)
+  if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
+    target_compile_options(${target} PRIVATE
+      -Wall -Wextra -Wpedantic -Wshadow -Woverloaded-virtual)
+    if(TORCHREV_WERROR)
+      target_compile_options(${target} PRIVATE -Werror)
+    endif()
+  endif()
+endfunction()
