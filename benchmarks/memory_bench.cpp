@@ -367,7 +367,7 @@ int main(int argc, char** argv) {
         device_name);
     Runner runner;
     runner.device =
-        torch::Device(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
+        device_name == "cuda" ? torch::Device(torch::kCUDA, 0) : torch::kCPU;
     TORCH_CHECK(
         !runner.device.is_cuda() || torch::cuda::is_available(),
         "--device cuda: no CUDA device is available");
