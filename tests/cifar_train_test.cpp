@@ -1,6 +1,7 @@
 // cifar_train's command line: bad input gives one line and a non-zero exit,
 // and leaves no output file behind.
 
+#include "../examples/cifar/data.h"
 #include "cifar_files.h"
 #include "process_util.h"
 #include "scratch_dir.h"
@@ -86,7 +87,7 @@ TEST(CifarTrainCli, BadInputFailsWithOneLineAndNoOutputFiles) {
           cifar.string() + "/../nothing",
       "no such directory",
       scratch.dir);
-  if (fs::exists("/usr/share/datasets/fashion-mnist")) {
+  if (fs::exists(cifar::kFashionMnistDir)) {
     expect_clean_failure(
         "--checkpoint " + bad.string() + " --resume",
         "cannot read checkpoint",

@@ -7,6 +7,7 @@
 #include "cifar_files.h"
 #include "distributed_worker.h"
 #include "process_util.h"
+#include "scratch_dir.h"
 #include "test_util.h"
 
 #include <fmt/core.h>
@@ -25,7 +26,7 @@ std::string cifar_train(const std::string& args) {
 }
 
 bool have_fashion_mnist() {
-  return std::filesystem::exists("/usr/share/datasets/fashion-mnist") &&
+  return std::filesystem::exists(cifar::kFashionMnistDir) &&
       !std::string(TORCHREV_CIFAR_TRAIN).empty();
 }
 
@@ -71,6 +72,36 @@ TEST(Distributed, TwoRanksWithBatchBMatchOneProcessWithBatch2B) {
       torchrev::testing::dp_worker_checksum(/*rank=*/0, /*world=*/1, 0);
   EXPECT_EQ(rank0, rank1);
   EXPECT_NEAR(rank0, single, 1e-5 * std::abs(single));
+}
+
+TEST(Distributed, RanksWithDifferentModelsRefuseToTrainOnEveryRank) {
+  const std::string self =
+      std::filesystem::read_symlink("/proc/self/exe").string();
+  auto check = [&](int outputs0, int outputs1) {
+    const int port = free_port();
+    auto command = [&](int rank, int outputs) {
+      return fmt::format(
+          "{} --dp-model-check {} 2 {} {}", self, rank, port, outputs);
+    };
+    return run_all({command(0, outputs0), command(1, outputs1)});
+  };
+  // The control: the same model on both ranks is accepted.
+  auto same = check(5, 5);
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(same[r].exit_code, 0) << "rank " << r << ":\n" << same[r].output;
+  }
+  // Linear(16, 5) against Linear(16, 6): both ranks refuse, each saying
+  // whose model differs.
+  auto differ = check(5, 6);
+  EXPECT_NE(differ[0].exit_code, 0);
+  EXPECT_NE(differ[1].exit_code, 0);
+  EXPECT_THAT(
+      differ[0].output,
+      ::testing::HasSubstr(
+          "rank 0: another rank's model differs from rank 0's"));
+  EXPECT_THAT(
+      differ[1].output,
+      ::testing::HasSubstr("rank 1: this rank's model differs"));
 }
 
 TEST(Distributed, ARankThatExitsEarlyMakesItsPeerFailWithAClearError) {
@@ -181,9 +212,7 @@ TEST(Distributed, EvaluationOnAllRanksEqualsRankZerosModelOnTheWholeTestSet) {
     }
     EXPECT_EQ(next, 10001);
   }
-  const auto dir = std::filesystem::temp_directory_path() /
-      ("torchrev_dist_eval_" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
+  const ScratchDir dir("dist_eval");
   const auto checkpoint = (dir / "ck.pt").string();
   const std::string common = fmt::format(
       "--max-steps 6 --batch-size 32 --threads 1 --world-size 2 --seed 4 "
@@ -211,7 +240,6 @@ TEST(Distributed, EvaluationOnAllRanksEqualsRankZerosModelOnTheWholeTestSet) {
   archive.read("model", model_archive);
   alone.model()->load(model_archive);
   EXPECT_EQ(fmt::format("{:.4f}", alone.evaluate()), accuracy);
-  std::filesystem::remove_all(dir);
 }
 
 namespace {
@@ -267,8 +295,8 @@ TEST(Distributed, RanksOnTwoHostsTrainAndACutLinkEndsBothWithAClearError) {
   if (!hosts.error.empty()) {
     GTEST_SKIP() << "cannot create network namespaces here: " << hosts.error;
   }
-  const auto data = std::filesystem::temp_directory_path() /
-      ("torchrev_netns_" + std::to_string(::getpid()));
+  const ScratchDir scratch("netns");
+  const auto data = scratch / "cifar";
   write_cifar10_dir(data, 32, 8);
   auto rank = [&](const std::string& ns, int r, const std::string& extra) {
     return "ip netns exec " + ns + " " + std::string(TORCHREV_CIFAR_TRAIN) +
@@ -314,21 +342,16 @@ TEST(Distributed, RanksOnTwoHostsTrainAndACutLinkEndsBothWithAClearError) {
         << cut_ranks[r].output;
     EXPECT_LT(cut_ranks[r].seconds, 4 + 3 * kTimeout) << cut_ranks[r].output;
   }
-  std::filesystem::remove_all(data);
 }
 
 namespace {
 
 /// A scratch folder with a tiny CIFAR-10 set in `tiny/`.
 struct TinyCifarScratch {
-  std::filesystem::path dir = std::filesystem::temp_directory_path() /
-      ("torchrev_elastic_" + std::to_string(::getpid()));
+  ScratchDir scratch{"elastic"};
+  const std::filesystem::path& dir = scratch.path;
   TinyCifarScratch() {
-    std::filesystem::remove_all(dir);
     write_cifar10_dir(dir / "tiny", 8, 4);
-  }
-  ~TinyCifarScratch() {
-    std::filesystem::remove_all(dir);
   }
   /// cifar_train's arguments for a short run on the tiny set (no launcher).
   std::string training(int steps, const std::string& extra) const {

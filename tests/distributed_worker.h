@@ -1,9 +1,11 @@
 #pragma once
 
-// The worker of Distributed.TwoRanksWithBatchBMatchOneProcessWithBatch2B: a
-// network without BatchNorm (a reversible MLP stage and a linear head)
-// trained for a few SGD steps on its share of a fixed batch, under
-// cifar::DataParallel when world > 1.
+// The workers that tests/distributed_test.cpp starts as ranks (through the
+// test binary's --dp-worker and --dp-model-check): a network without
+// BatchNorm (a reversible MLP stage and a linear head) trained for a few SGD
+// steps on its share of a fixed batch, under cifar::DataParallel when
+// world > 1; and a model handed to cifar::DataParallel only to see whether
+// the ranks agree on it.
 
 #include "../examples/cifar/distributed.h"
 #include "test_util.h"
@@ -59,6 +61,24 @@ inline double dp_worker_checksum(int rank, int world, int port) {
     ++k;
   }
   return sum;
+}
+
+/// One rank of Distributed.RanksWithDifferentModelsRefuseToTrainOnEveryRank:
+/// a Linear(16, `outputs`) handed to cifar::DataParallel. Returns its error,
+/// or an empty string where the ranks agreed.
+inline std::string dp_model_check(int rank, int world, int port, int outputs) {
+  torch::nn::Linear model(16, outputs);
+  cifar::DistributedOptions options;
+  options.world_size = world;
+  options.rank = rank;
+  options.master_port = port;
+  options.timeout = std::chrono::milliseconds(30000);
+  try {
+    cifar::DataParallel parallel(options, *model, torch::kCPU);
+  } catch (const std::runtime_error& e) {
+    return e.what();
+  }
+  return "";
 }
 
 } // namespace testing

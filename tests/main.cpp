@@ -25,6 +25,17 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
+  // `torchrev_tests --dp-model-check RANK WORLD PORT OUTPUTS`: one rank of
+  // the model-mismatch test.
+  if (argc == 6 && std::strcmp(argv[1], "--dp-model-check") == 0) {
+    const std::string error = torchrev::testing::dp_model_check(
+        std::stoi(argv[2]),
+        std::stoi(argv[3]),
+        std::stoi(argv[4]),
+        std::stoi(argv[5]));
+    std::printf("%s\n", error.empty() ? "accepted" : error.c_str());
+    return error.empty() ? 0 : 1;
+  }
   ::testing::InitGoogleTest(&argc, argv);
   return RUN_ALL_TESTS();
 }

@@ -2,6 +2,7 @@
 // checkpointed run resumes exactly.
 
 #include "../examples/cifar/trainer.h"
+#include "scratch_dir.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -26,11 +27,6 @@ cifar::TrainConfig small_run() {
   config.quiet = true;
   config.seed = 3;
   return config;
-}
-
-fs::path scratch(const std::string& name) {
-  return fs::temp_directory_path() /
-      ("torchrev_train_" + std::to_string(::getpid()) + "_" + name);
 }
 
 } // namespace
@@ -58,8 +54,9 @@ TEST(Training, CheckpointRoundTripAndExactResume) {
   if (!fs::exists(cifar::kFashionMnistDir)) {
     GTEST_SKIP() << "dataset-fashion-mnist is not installed";
   }
-  const auto checkpoint = scratch("ckpt.pt");
-  const auto metrics = scratch("metrics.csv");
+  const torchrev::testing::ScratchDir scratch("train");
+  const auto checkpoint = scratch / "ckpt.pt";
+  const auto metrics = scratch / "metrics.csv";
 
   auto full = small_run();
   cifar::Trainer uninterrupted(full);
@@ -117,6 +114,4 @@ TEST(Training, CheckpointRoundTripAndExactResume) {
   EXPECT_THAT(
       [&] { cifar::Trainer{second}; },
       ThrowsMessage<std::runtime_error>(HasSubstr("cannot read checkpoint")));
-  fs::remove(checkpoint);
-  fs::remove(metrics);
 }

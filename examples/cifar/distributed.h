@@ -69,7 +69,6 @@
 #include <unistd.h>
 
 #include <chrono>
-#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -447,9 +446,9 @@ struct DistributedOptions {
 ///
 /// Every rank must construct it with the same model architecture and call
 /// the same sequence of prepare_backward/finish_backward, all_reduce_sum
-/// and barrier. It keeps aliases of the model's parameters (no copy of the
-/// model) and removes its gradient hooks when destroyed. With world_size 1
-/// nothing is created and every method is a cheap no-op.
+/// and broadcast_buffers. It keeps aliases of the model's parameters (no copy
+/// of the model) and removes its gradient hooks when destroyed. With world_size
+/// 1 nothing is created and every method is a cheap no-op.
 ///
 /// Each backward must produce fresh gradients: finish_backward overwrites
 /// .grad with the average of this backward's gradients, so call
@@ -672,17 +671,6 @@ class DataParallel {
       all[r].assign(bytes.begin(), bytes.end());
     }
     return all;
-  }
-
-  /// Blocks until every rank has called barrier() (or throws after the
-  /// timeout).
-  void barrier() {
-    auto& s = *state_;
-    if (s.world_size == 1) {
-      return;
-    }
-    s.check_usable();
-    s.wait(s.backend->barrier(), "barrier", s.deadline());
   }
 
   /// Optional: overwrites every rank's buffers (e.g. BatchNorm running
@@ -971,45 +959,40 @@ class DataParallel {
     return tensors;
   }
 
-  /// Fails on every rank alike when the ranks' models differ in structure,
-  /// before a mismatched broadcast could hang or corrupt them.
+  /// Fails on every rank alike when the ranks' models differ in structure
+  /// (the number, order, dtypes and shapes of parameters and buffers),
+  /// before a mismatched broadcast could hang or corrupt them: rank 0's
+  /// description is broadcast, each rank compares it with its own, and a sum
+  /// of the verdicts tells every rank.
   void check_same_model(torch::nn::Module& model) {
     auto& s = *state_;
-    const auto tensors = model_state(model);
-    double numel = 0;
-    double shape_hash = 0;
-    for (const auto& t : tensors) {
-      numel += static_cast<double>(t.numel());
-      shape_hash = std::fmod(
-          shape_hash * 31 + static_cast<double>(t.dim()) * 7 +
-              static_cast<double>(static_cast<int>(t.scalar_type())),
-          1048573.0);
+    // The structure as numbers, each exact in a double: the parameter
+    // count, then each tensor's dtype, rank and sizes.
+    std::vector<double> own{static_cast<double>(s.params.size())};
+    for (const auto& t : model_state(model)) {
+      own.push_back(static_cast<double>(static_cast<int>(t.scalar_type())));
+      own.push_back(static_cast<double>(t.dim()));
       for (const auto size : t.sizes()) {
-        shape_hash =
-            std::fmod(shape_hash * 131 + static_cast<double>(size), 1048573.0);
+        own.push_back(static_cast<double>(size));
       }
     }
-    const std::vector<double> signature{
-        static_cast<double>(tensors.size()),
-        static_cast<double>(s.params.size()),
-        numel,
-        shape_hash};
-    std::vector<double> moments;
-    for (const double v : signature) {
-      moments.push_back(v);
-      moments.push_back(v * v);
-    }
-    moments = all_reduce_sum(std::move(moments));
-    for (size_t i = 0; i < signature.size(); ++i) {
-      const double sum = moments[2 * i];
-      const double sum_sq = moments[2 * i + 1];
-      // All equal iff sum^2 == n * sum of squares (values are exact here).
-      if (sum * sum != s.world_size * sum_sq) {
-        throw std::runtime_error(
-            s.where() +
-            "the model differs across ranks (parameter/buffer count, "
-            "shapes or dtypes); every rank must build the same model");
-      }
+    const auto own_tensor = torch::tensor(own, torch::kFloat64);
+    auto length =
+        torch::full({1}, static_cast<double>(own.size()), torch::kFloat64);
+    s.broadcast({length}, "broadcast of rank 0's model description");
+    const auto rank0_length = static_cast<int64_t>(length.item<double>());
+    bool differs = rank0_length != own_tensor.numel();
+    auto rank0 = differs ? torch::zeros({rank0_length}, torch::kFloat64)
+                         : own_tensor.clone();
+    s.broadcast({rank0}, "broadcast of rank 0's model description");
+    differs = differs || !torch::equal(rank0, own_tensor);
+    if (all_reduce_sum({differs ? 1.0 : 0.0})[0] > 0) {
+      throw std::runtime_error(
+          s.where() +
+          (differs ? "this rank's model differs from rank 0's"
+                   : "another rank's model differs from rank 0's") +
+          " (parameter/buffer count, order, shapes or dtypes); every rank "
+          "must build the same model");
     }
   }
 
