@@ -32,33 +32,6 @@ torch::TensorOptions cuda64() {
   return torch::dtype(torch::kFloat64).device(kCuda);
 }
 
-/// Gradients of one cross-entropy training step of a zoo model whose stage
-/// mode `set_mode` selects, with the generators seeded so that dropout draws
-/// the same numbers in every mode.
-struct ModelStep {
-  torch::Tensor logits, input_grad;
-  std::vector<torch::Tensor> grads;
-};
-
-template <typename Net>
-ModelStep model_step(
-    const std::shared_ptr<Net>& net,
-    StageMode mode,
-    const torch::Tensor& images,
-    const torch::Tensor& labels) {
-  net->options.mode(mode);
-  auto x = images.clone().requires_grad_(true);
-  torch::manual_seed(5);
-  ModelStep step;
-  step.logits = net->forward(x);
-  torch::nn::functional::cross_entropy(step.logits, labels).backward();
-  step.input_grad = x.grad();
-  for (const auto& p : net->parameters()) {
-    step.grads.push_back(p.grad());
-  }
-  return step;
-}
-
 /// Reversible against stored training of `base` (moved to the GPU in
 /// float64) on 3 images of `image_size` pixels.
 template <typename Net>

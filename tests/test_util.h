@@ -184,6 +184,35 @@ inline AccumulatorRunCounts count_accumulator_runs(
   return counts;
 }
 
+/// What one cross-entropy training step of a model computed: its logits, the
+/// input's gradient and every parameter's gradient.
+struct ModelStep {
+  torch::Tensor logits, input_grad;
+  std::vector<torch::Tensor> grads;
+};
+
+/// One training step of the zoo model `net` with its stages run in `mode`,
+/// on `images`, with the global generators seeded so that dropout draws the
+/// same numbers in every mode.
+template <typename Net>
+ModelStep model_step(
+    const std::shared_ptr<Net>& net,
+    StageMode mode,
+    const torch::Tensor& images,
+    const torch::Tensor& labels) {
+  net->options.mode(mode);
+  auto x = images.clone().requires_grad_(true);
+  torch::manual_seed(5);
+  ModelStep step;
+  step.logits = net->forward(x);
+  torch::nn::functional::cross_entropy(step.logits, labels).backward();
+  step.input_grad = x.grad();
+  for (const auto& p : net->parameters()) {
+    step.grads.push_back(p.grad());
+  }
+  return step;
+}
+
 /// A deep copy of `stage` with identical parameters and buffers.
 inline RevSequential copy_of(const RevSequential& stage) {
   return RevSequential(

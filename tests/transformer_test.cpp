@@ -29,31 +29,6 @@ int64_t vit_params(const ViTOptions& o) {
   return embedding + o.depth() * (attention + mlp) + head;
 }
 
-struct TrainedStep {
-  torch::Tensor logits, input_grad;
-  std::vector<torch::Tensor> grads;
-};
-
-// One training step of `net` in `mode` on float64 `images` with the global
-// generator seeded, so that dropout draws the same numbers in every mode.
-TrainedStep train_step(
-    const std::shared_ptr<RevViTImpl>& net,
-    StageMode mode,
-    const torch::Tensor& images,
-    const torch::Tensor& labels) {
-  net->options.mode(mode);
-  auto x = images.clone().requires_grad_(true);
-  torch::manual_seed(5);
-  TrainedStep run;
-  run.logits = net->forward(x);
-  torch::nn::functional::cross_entropy(run.logits, labels).backward();
-  run.input_grad = x.grad();
-  for (const auto& p : net->parameters()) {
-    run.grads.push_back(p.grad());
-  }
-  return run;
-}
-
 } // namespace
 
 TEST(Transformer, RevViTGradientsEqualTheSameBlocksWithPlainAutograd) {
@@ -73,12 +48,12 @@ TEST(Transformer, RevViTGradientsEqualTheSameBlocksWithPlainAutograd) {
     base->to(torch::kFloat64);
     auto images = torch::randn({3, 3, 8, 8}, torch::kFloat64);
     auto labels = torch::tensor({1, 4, 9});
-    std::vector<TrainedStep> runs;
+    std::vector<torchrev::testing::ModelStep> runs;
     for (auto mode :
          {StageMode::kStored,
           StageMode::kReversible,
           StageMode::kCheckpointed}) {
-      runs.push_back(train_step(
+      runs.push_back(torchrev::testing::model_step(
           std::dynamic_pointer_cast<RevViTImpl>(base->clone()),
           mode,
           images,
