@@ -2,9 +2,9 @@
 // when any byte changed, every field type- and range-checked, the run's
 // settings compared on resume, and writes that fail leave the previous file.
 
-#include "../examples/cifar/trainer.h"
 #include "cifar_files.h"
 #include "scratch_dir.h"
+#include "trainer.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -181,7 +181,7 @@ TEST(CheckpointFile, ResumeWithOtherSettingsIsRefusedNamingTheFlag) {
   other.seed = 12;
   EXPECT_NE(resume_error(other).find("--seed 11"), std::string::npos);
   other = config;
-  other.schedule = "cosine";
+  other.schedule = cifar::Schedule::kCosine;
   EXPECT_NE(resume_error(other).find("--schedule onecycle"), std::string::npos);
   other = config;
   other.momentum = 0.5;

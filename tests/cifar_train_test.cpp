@@ -1,8 +1,8 @@
 // cifar_train's command line: bad input gives one line and a non-zero exit,
 // and leaves no output file behind.
 
-#include "../examples/cifar/data.h"
 #include "cifar_files.h"
+#include "data.h"
 #include "process_util.h"
 #include "scratch_dir.h"
 
@@ -58,7 +58,14 @@ TEST(CifarTrainCli, BadInputFailsWithOneLineAndNoOutputFiles) {
       "--data-dir /nonexistent/cifar", "no such directory", scratch.dir);
   expect_clean_failure(
       "--dataset cifar10", "--dataset cifar10 needs --data-dir", scratch.dir);
-  expect_clean_failure("--schedule linear", "--schedule linear", scratch.dir);
+  expect_clean_failure(
+      "--schedule linear",
+      "--schedule: linear not in {step,cosine,onecycle}",
+      scratch.dir);
+  expect_clean_failure(
+      "--optimizer adam",
+      "--optimizer: adam not in {auto,sgd,adamw}",
+      scratch.dir);
   expect_clean_failure("--batch-size", "--batch-size", scratch.dir);
 
   // A truncated CIFAR-10 batch.

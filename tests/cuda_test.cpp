@@ -89,16 +89,7 @@ TEST(Cuda, RevViTWithDropoutEqualsPlainAutograd_CUDA) {
   TORCHREV_REQUIRE_CUDA();
   torch::manual_seed(97);
   expect_reversible_matches_stored(
-      std::make_shared<torchrev::models::RevViTImpl>(
-          torchrev::models::ViTOptions()
-              .image_size(8)
-              .patch_size(2)
-              .dim(16)
-              .heads(2)
-              .depth(3)
-              .dropout(0.2)
-              .attention_dropout(0.1)),
-      8);
+      std::make_shared<torchrev::models::RevViTImpl>(tiny_vit_options()), 8);
 }
 
 TEST(Cuda, AStepLeavesTheCudaGeneratorWhereStoredTrainingLeavesIt_CUDA) {

@@ -1,8 +1,8 @@
 // The example's data readers: CIFAR binary files written by the test in the
 // real format, and Debian's real Fashion-MNIST files.
 
-#include "../examples/cifar/data.h"
 #include "cifar_files.h"
+#include "data.h"
 #include "scratch_dir.h"
 #include "test_util.h"
 

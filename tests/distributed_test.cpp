@@ -3,12 +3,12 @@
 // The tests start cifar_train twice, or this test binary itself in its
 // "--dp-worker" mode (see main.cpp), and compare what the ranks print.
 
-#include "../examples/cifar/trainer.h"
 #include "cifar_files.h"
 #include "distributed_worker.h"
 #include "process_util.h"
 #include "scratch_dir.h"
 #include "test_util.h"
+#include "trainer.h"
 
 #include <fmt/core.h>
 

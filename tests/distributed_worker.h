@@ -7,7 +7,7 @@
 // world > 1; and a model handed to cifar::DataParallel only to see whether
 // the ranks agree on it.
 
-#include "../examples/cifar/distributed.h"
+#include "distributed.h"
 #include "test_util.h"
 
 namespace torchrev {

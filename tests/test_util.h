@@ -213,6 +213,20 @@ ModelStep model_step(
   return step;
 }
 
+/// A ViT/RevViT small enough to compare gradients in float64: 8x8 images in
+/// 2x2 patches, 16 features, 2 heads, 3 blocks, with dropout in the blocks
+/// and in the attention (so that the replay of their draws is tested too).
+inline models::ViTOptions tiny_vit_options() {
+  return models::ViTOptions()
+      .image_size(8)
+      .patch_size(2)
+      .dim(16)
+      .heads(2)
+      .depth(3)
+      .dropout(0.2)
+      .attention_dropout(0.1);
+}
+
 /// A deep copy of `stage` with identical parameters and buffers.
 inline RevSequential copy_of(const RevSequential& stage) {
   return RevSequential(

@@ -1,8 +1,8 @@
 // cifar_train's training loop on real Fashion-MNIST: the loss falls, and a
 // checkpointed run resumes exactly.
 
-#include "../examples/cifar/trainer.h"
 #include "scratch_dir.h"
+#include "trainer.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -30,6 +30,28 @@ cifar::TrainConfig small_run() {
 }
 
 } // namespace
+
+TEST(Training, EnumeratedSettingsOutsideTheirChoicesAreRefused) {
+  // The command line can only spell a choice; a program can cast any value.
+  auto config = small_run();
+  config.schedule = static_cast<cifar::Schedule>(7);
+  EXPECT_THAT(
+      [&] { cifar::Trainer trainer(config); },
+      ThrowsMessage<std::invalid_argument>(
+          HasSubstr("--schedule 7: not one of the flag's values")));
+  config = small_run();
+  config.augment = static_cast<cifar::Augment>(-1);
+  EXPECT_THAT(
+      [&] { cifar::Trainer trainer(config); },
+      ThrowsMessage<std::invalid_argument>(
+          HasSubstr("--augment -1: not one of the flag's values")));
+  // Every choice's word names it back (the checkpoint records the words).
+  for (const auto& [word, value] : cifar::choices(cifar::Schedule{})) {
+    EXPECT_EQ(cifar::name_of(value), word);
+  }
+  EXPECT_EQ(cifar::name_of(cifar::OptimizerKind::kAdamW), "adamw");
+  EXPECT_EQ(cifar::name_of(torch::kCUDA), "cuda");
+}
 
 TEST(Training, LossFallsOnFashionMnist) {
   if (!fs::exists(cifar::kFashionMnistDir)) {

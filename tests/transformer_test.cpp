@@ -35,15 +35,7 @@ TEST(Transformer, RevViTGradientsEqualTheSameBlocksWithPlainAutograd) {
   for (auto pool : {TokenPooling::kMean, TokenPooling::kClassToken}) {
     SCOPED_TRACE(pool == TokenPooling::kMean ? "mean" : "class token");
     torch::manual_seed(70);
-    auto options = ViTOptions()
-                       .image_size(8)
-                       .patch_size(2)
-                       .dim(16)
-                       .heads(2)
-                       .depth(3)
-                       .dropout(0.2)
-                       .attention_dropout(0.1)
-                       .pool(pool);
+    auto options = torchrev::testing::tiny_vit_options().pool(pool);
     auto base = std::make_shared<RevViTImpl>(options);
     base->to(torch::kFloat64);
     auto images = torch::randn({3, 3, 8, 8}, torch::kFloat64);

@@ -20,9 +20,7 @@
 ///   for (/* each batch drawn from indices */) {
 ///     optimizer.zero_grad();
 ///     auto loss = criterion(model->forward(x), y);
-///     dp.prepare_backward();
-///     loss.backward();
-///     dp.finish_backward();
+///     dp.backward(loss); // loss.backward(), gradients averaged over ranks
 ///     optimizer.step();
 ///   }
 /// }
@@ -504,6 +502,16 @@ class DataParallel {
       } catch (...) {
       }
     }
+  }
+
+  /// One backward of `loss` whose gradients arrive averaged over the ranks:
+  /// `prepare_backward()`, `loss.backward()`, `finish_backward()`. Call the
+  /// two halves around a backward of your own instead (several losses,
+  /// `retain_graph`).
+  void backward(const torch::Tensor& loss) {
+    prepare_backward();
+    loss.backward();
+    finish_backward();
   }
 
   /// Registers per-parameter gradient hooks (param.register_hook) once, at

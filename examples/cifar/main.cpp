@@ -22,11 +22,37 @@
 #include <cstdlib>
 #include <iostream>
 #include <string>
+#include <vector>
 
 namespace {
 
 std::string first_line(const std::string& message) {
   return cifar::detail::first_line_of(message);
+}
+
+/// An option taking one of the words `cifar::choices` lists for `Enum`
+/// (config.h) and storing the value it names; any other word is CLI11's
+/// one-line error naming the flag, the word and the choices.
+template <typename Enum>
+CLI::Option* add_choice(
+    CLI::App& app,
+    const std::string& flag,
+    Enum& target,
+    const std::string& help) {
+  std::vector<std::string> words;
+  for (const auto& choice : cifar::choices(Enum{})) {
+    words.push_back(choice.first);
+  }
+  auto store = [&target](const std::string& word) {
+    for (const auto& choice : cifar::choices(Enum{})) {
+      if (choice.first == word) {
+        target = choice.second;
+      }
+    }
+  };
+  return app.add_option_function<std::string>(flag, store, help)
+      ->check(CLI::IsMember(words))
+      ->default_str(cifar::name_of(target));
 }
 
 } // namespace
@@ -101,21 +127,17 @@ int main(int argc, char** argv) {
   app.add_option(
          "--batch-size", config.batch_size, "images per step (per rank)")
       ->capture_default_str();
-  app.add_option(
-         "--optimizer",
-         config.optimizer,
-         "sgd or adamw; auto: AdamW for the transformers, SGD otherwise")
-      ->capture_default_str();
+  add_choice(
+      app,
+      "--optimizer",
+      config.optimizer,
+      "auto: AdamW for the transformers, SGD otherwise");
   app.add_option(
          "--lr",
          config.lr,
          "peak learning rate (0: 0.1 for SGD, 0.002 for AdamW)")
       ->capture_default_str();
-  app.add_option(
-         "--schedule",
-         config.schedule,
-         "learning-rate schedule: step, cosine or onecycle")
-      ->capture_default_str();
+  add_choice(app, "--schedule", config.schedule, "learning-rate schedule");
   app.add_option("--momentum", config.momentum, "SGD momentum")
       ->capture_default_str();
   app.add_option(
@@ -133,8 +155,7 @@ int main(int argc, char** argv) {
          config.seed,
          "seed for initialisation, shuffling and augmentation")
       ->capture_default_str();
-  app.add_option("--device", config.device, "cpu or cuda")
-      ->capture_default_str();
+  add_choice(app, "--device", config.device, "where to train");
   app.add_option(
          "--eval-every",
          config.eval_every,
@@ -170,8 +191,11 @@ int main(int argc, char** argv) {
          config.stop_after,
          "stop after this step as if interrupted (0: never)")
       ->capture_default_str();
-  app.add_option("--augment", config.augment, "auto (CIFAR only), on or off")
-      ->capture_default_str();
+  add_choice(
+      app,
+      "--augment",
+      config.augment,
+      "random crops and flips (auto: CIFAR only)");
   app.add_option(
          "--channels-last",
          config.channels_last,
@@ -253,14 +277,15 @@ int main(int argc, char** argv) {
           config.batch_size,
           dist.enabled() ? fmt::format(" per rank on {} ranks", dist.world_size)
                          : "",
-          trainer.config().optimizer == "adamw" ? "AdamW" : "SGD",
+          trainer.config().optimizer == cifar::OptimizerKind::kAdamW ? "AdamW"
+                                                                     : "SGD",
           trainer.config().lr);
     }
-    if (trainer.is_main_rank() && trainer.resumed_from() >= 0) {
+    if (trainer.is_main_rank() && trainer.resumed_from()) {
       fmt::print(
           stderr,
           "cifar_train: resumed from step {} of {} ({}){}\n",
-          trainer.resumed_from(),
+          *trainer.resumed_from(),
           trainer.total_steps(),
           config.checkpoint,
           dist.restart_count > 0

@@ -2,6 +2,7 @@
 
 // The training loop of cifar_train, as a library so tests can drive it.
 
+#include "config.h"
 #include "data.h"
 #include "distributed.h"
 #include "files.h"
@@ -33,40 +34,6 @@
 
 namespace cifar {
 
-/// Everything a training run is configured by (the command-line flags).
-struct TrainConfig {
-  std::string model = "revnet_mini";
-  std::string dataset = "auto";
-  std::string data_dir;
-  int64_t epochs = 0; // 0: bounded by max_steps only
-  int64_t max_steps = 0; // 0: bounded by epochs only; both 0: kDefaultSteps
-  int64_t batch_size = 128; // per rank
-  /// sgd or adamw; auto: AdamW for the transformers, SGD for the others.
-  std::string optimizer = "auto";
-  double lr = 0.0; // peak learning rate; 0: 0.1 for SGD, 0.002 for AdamW
-  std::string schedule = "onecycle"; // step, cosine or onecycle
-  double momentum = 0.9;
-  double weight_decay = 5e-4;
-  int threads = 0; // 0: LibTorch's default
-  uint64_t seed = 0;
-  std::string device = "cpu";
-  int64_t eval_every = 0; // 0: evaluate at the end only
-  int64_t log_every = 0; // 0: about 20 lines per run
-  std::string metrics; // CSV file
-  std::string checkpoint; // checkpoint file
-  int64_t checkpoint_every = 0; // 0: at each evaluation and at the end
-  bool resume = false; // continue from `checkpoint`, which must exist
-  bool resume_if_exists = false; // continue from `checkpoint` if it exists
-  int64_t stop_after = 0; // stop after this step, as if interrupted (tests)
-  std::string augment = "auto"; // auto (CIFAR only), on, off
-  bool channels_last = true; // NHWC tensors: much faster convolutions on CPU
-  DistributedOptions distributed;
-  bool quiet = false; // no progress output
-};
-
-/// The default run's length, when neither --epochs nor --max-steps is given.
-constexpr int64_t kDefaultSteps = 1200;
-
 struct TrainResult {
   double test_accuracy = 0.0;
   /// Peak allocated bytes during the training steps (data set, model and
@@ -77,7 +44,7 @@ struct TrainResult {
   double param_checksum = 0.0;
   int64_t steps = 0; // the step reached (counting the resumed checkpoint's)
   int64_t steps_run = 0; // steps this run executed
-  int64_t resumed_from = -1; // the checkpoint's step, or -1
+  std::optional<int64_t> resumed_from; // the checkpoint's step, if resumed
   std::vector<double> step_losses; // loss of every step this run executed
   double seconds = 0.0; // the whole run, evaluations and checkpoints included
   double train_seconds = 0.0; // the training steps alone
@@ -100,31 +67,6 @@ inline double param_checksum(const torch::nn::Module& model) {
     ++k;
   }
   return sum;
-}
-
-/// Learning rate at `step` of `total` for the schedule.
-inline double learning_rate(
-    const TrainConfig& config,
-    int64_t step,
-    int64_t total) {
-  const double t = total > 1 ? double(step) / double(total - 1) : 1.0;
-  const double pi = 3.14159265358979323846;
-  if (config.schedule == "step") {
-    return config.lr * (t < 0.5 ? 1.0 : t < 0.75 ? 0.1 : 0.01);
-  }
-  if (config.schedule == "cosine") {
-    return 0.5 * config.lr * (1.0 + std::cos(pi * t));
-  }
-  // One-cycle (as PyTorch's OneCycleLR): warm up from lr/25 over the first
-  // 30%, then cosine-anneal to lr/1e4.
-  constexpr double kWarmup = 0.3;
-  const double start = config.lr / 25.0, end = config.lr / 1e4;
-  if (t < kWarmup) {
-    return start +
-        (config.lr - start) * 0.5 * (1.0 - std::cos(pi * t / kWarmup));
-  }
-  const double u = (t - kWarmup) / (1.0 - kWarmup);
-  return end + (config.lr - end) * 0.5 * (1.0 + std::cos(pi * u));
 }
 
 namespace detail {
@@ -163,18 +105,19 @@ class Trainer {
  public:
   explicit Trainer(TrainConfig config) : config_(std::move(config)) {
     validate();
-    if (config_.optimizer == "auto") {
-      config_.optimizer =
-          torchrev::models::is_transformer(config_.model) ? "adamw" : "sgd";
+    if (config_.optimizer == OptimizerKind::kAuto) {
+      config_.optimizer = torchrev::models::is_transformer(config_.model)
+          ? OptimizerKind::kAdamW
+          : OptimizerKind::kSgd;
     }
     if (config_.lr == 0.0) {
-      config_.lr = config_.optimizer == "adamw" ? 2e-3 : 0.1;
+      config_.lr = config_.optimizer == OptimizerKind::kAdamW ? 2e-3 : 0.1;
     }
     if (config_.threads > 0) {
       torch::set_num_threads(config_.threads);
     }
     device_ = torch::Device(torch::kCPU);
-    if (config_.device == "cuda") {
+    if (config_.device == torch::kCUDA) {
       if (!torch::cuda::is_available()) {
         throw std::invalid_argument(
             "--device cuda: no CUDA device is available");
@@ -201,8 +144,8 @@ class Trainer {
       c10::impl::getDeviceGuardImpl(device_.type())->setDevice(device_);
     }
     dataset_ = load_dataset(config_.dataset, config_.data_dir);
-    augment_ = config_.augment == "on" ||
-        (config_.augment == "auto" && dataset_.name != "fashion-mnist");
+    augment_ = config_.augment == Augment::kOn ||
+        (config_.augment == Augment::kAuto && dataset_.name != "fashion-mnist");
     torch::manual_seed(config_.seed);
     model_ = torchrev::models::create(
         config_.model,
@@ -214,7 +157,7 @@ class Trainer {
     if (config_.channels_last) {
       torchrev::models::use_channels_last(*model_);
     }
-    if (config_.optimizer == "adamw") {
+    if (config_.optimizer == OptimizerKind::kAdamW) {
       optimizer_ = std::make_unique<torch::optim::AdamW>(
           model_->parameters(),
           torch::optim::AdamWOptions(config_.lr)
@@ -331,11 +274,9 @@ class Trainer {
       auto logits = model_->forward(images);
       auto loss = torch::nn::functional::cross_entropy(logits, labels);
       if (parallel_) {
-        parallel_->prepare_backward();
-      }
-      loss.backward();
-      if (parallel_) {
-        parallel_->finish_backward();
+        parallel_->backward(loss);
+      } else {
+        loss.backward();
       }
       optimizer_->step();
 
@@ -396,7 +337,7 @@ class Trainer {
     }
     if (step_ == total_steps_) { // evaluate() is collective
       result.test_accuracy =
-          last_test_accuracy_ >= 0 ? last_test_accuracy_ : evaluate_measured();
+          last_test_accuracy_ ? *last_test_accuracy_ : evaluate_measured();
     }
     // A run stopped by --stop-after behaves as if killed: no final save. One
     // stopped by a signal saves the last completed step, when checkpoints
@@ -430,7 +371,9 @@ class Trainer {
     mine.emplace_back("--steps", std::to_string(total_steps_));
     // Ranks that resumed different checkpoints (or one none: files not shared
     // between machines) would train apart.
-    mine.emplace_back("resumed-from-step", std::to_string(resumed_from_));
+    mine.emplace_back(
+        "resumed-from-step",
+        resumed_from_ ? std::to_string(*resumed_from_) : "-1");
     const auto all = parallel_->gather_strings(encode_settings(mine));
     for (size_t r = 0; r < all.size(); ++r) {
       const auto d = first_difference(all[r], mine);
@@ -470,8 +413,8 @@ class Trainer {
     return signal;
   }
 
-  /// The resumed checkpoint's step, or -1 when this run started afresh.
-  int64_t resumed_from() const {
+  /// The resumed checkpoint's step; none when this run started afresh.
+  std::optional<int64_t> resumed_from() const {
     return resumed_from_;
   }
 
@@ -507,7 +450,7 @@ class Trainer {
           parallel_->all_reduce_sum({static_cast<double>(correct)})[0]);
     }
     last_test_accuracy_ = double(correct) / double(test.size());
-    return last_test_accuracy_;
+    return *last_test_accuracy_;
   }
 
   /// The test images [first, end) that `rank` of `world` evaluates:
@@ -569,19 +512,19 @@ class Trainer {
           "--model " + config_.model + ": unknown model; expected one of " +
           valid);
     }
-    if (config_.schedule != "step" && config_.schedule != "cosine" &&
-        config_.schedule != "onecycle") {
-      fail(
-          "--schedule " + config_.schedule +
-          ": expected step, cosine or onecycle");
-    }
-    if (config_.device != "cpu" && config_.device != "cuda") {
-      fail("--device " + config_.device + ": expected cpu or cuda");
-    }
-    if (config_.augment != "auto" && config_.augment != "on" &&
-        config_.augment != "off") {
-      fail("--augment " + config_.augment + ": expected auto, on or off");
-    }
+    // The command line can only spell the enums' values; a program can cast.
+    auto choice = [&](const char* flag, auto value) {
+      if (!is_choice(value)) {
+        fail(fmt::format(
+            "{} {}: not one of the flag's values",
+            flag,
+            static_cast<int>(value)));
+      }
+    };
+    choice("--optimizer", config_.optimizer);
+    choice("--schedule", config_.schedule);
+    choice("--device", config_.device);
+    choice("--augment", config_.augment);
     // Each numeric flag, with the value that arrived.
     auto positive = [&](const char* flag, int64_t value) {
       if (value <= 0) {
@@ -606,11 +549,6 @@ class Trainer {
           "--lr {}: expected a finite positive number (or 0: 0.1 for SGD, "
           "0.002 for AdamW)",
           config_.lr));
-    }
-    if (config_.optimizer != "auto" && config_.optimizer != "sgd" &&
-        config_.optimizer != "adamw") {
-      fail(
-          "--optimizer " + config_.optimizer + ": expected auto, sgd or adamw");
     }
     if (!std::isfinite(config_.momentum) || config_.momentum < 0.0) {
       fail(fmt::format(
@@ -750,9 +688,9 @@ class Trainer {
     return {
         {"--batch-size", std::to_string(config_.batch_size)},
         {"--seed", std::to_string(config_.seed)},
-        {"--optimizer", config_.optimizer},
+        {"--optimizer", name_of(config_.optimizer)},
         {"--lr", fmt::format("{:.17g}", config_.lr)},
-        {"--schedule", config_.schedule},
+        {"--schedule", name_of(config_.schedule)},
         {"--momentum", fmt::format("{:.17g}", config_.momentum)},
         {"--weight-decay", fmt::format("{:.17g}", config_.weight_decay)},
         {"--augment", augment_ ? "on" : "off"},
@@ -927,11 +865,11 @@ class Trainer {
     // Checkpoints written before --optimizer existed record none: SGD.
     const bool before_optimizer_flag =
         settings.toStringRef().find("--optimizer ") == std::string::npos;
-    if (before_optimizer_flag && config_.optimizer != "sgd") {
+    if (before_optimizer_flag && config_.optimizer != OptimizerKind::kSgd) {
       fail(fmt::format(
           "was written with --optimizer sgd, but this run has --optimizer {}; "
           "resume with the run's settings",
-          config_.optimizer));
+          name_of(config_.optimizer)));
     }
     if (matched + (before_optimizer_flag ? 1 : 0) != current.size()) {
       fail("records incomplete settings (not a checkpoint of this version)");
@@ -989,8 +927,8 @@ class Trainer {
   std::vector<int64_t> order_;
   int64_t order_epoch_ = -1;
   std::vector<Row> rows_;
-  double last_test_accuracy_ = -1.0;
-  int64_t resumed_from_ = -1; // the checkpoint's step, when resumed
+  std::optional<double> last_test_accuracy_; // of the latest evaluation
+  std::optional<int64_t> resumed_from_; // the checkpoint's step, when resumed
   size_t train_peak_ = 0; // of the training steps, before the last reset
   size_t eval_peak_ = 0; // of the evaluations
 };

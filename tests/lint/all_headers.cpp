@@ -3,6 +3,7 @@
 // It is compiled only by clang-tidy, never into a binary.
 #include <torchrev/torchrev.h>
 
+#include "config.h"
 #include "data.h"
 #include "distributed.h"
 #include "files.h"
