@@ -327,14 +327,16 @@ struct DataParallelState {
       throw std::runtime_error(
           where() + "parameter " + names[index] +
           " received a gradient outside prepare_backward()/"
-          "finish_backward(); call prepare_backward() before every "
-          "backward of a model wrapped in cifar::DataParallel");
+          "finish_backward(); run each backward of a model wrapped in "
+          "cifar::DataParallel as backward(loss), or call "
+          "prepare_backward() before it");
     }
     if (reported[index]) {
       throw std::runtime_error(
           where() + "parameter " + names[index] +
-          " produced two gradients in one backward; call "
-          "prepare_backward() and finish_backward() around each backward");
+          " produced two gradients in one backward; run each backward as "
+          "backward(loss), or call prepare_backward() and finish_backward() "
+          "around it");
     }
     if (grad.defined() && grad.is_sparse()) {
       throw std::runtime_error(

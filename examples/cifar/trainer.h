@@ -693,7 +693,7 @@ class Trainer {
         {"--schedule", name_of(config_.schedule)},
         {"--momentum", fmt::format("{:.17g}", config_.momentum)},
         {"--weight-decay", fmt::format("{:.17g}", config_.weight_decay)},
-        {"--augment", augment_ ? "on" : "off"},
+        {"--augment", name_of(augment_ ? Augment::kOn : Augment::kOff)},
         {"--world-size", std::to_string(config_.distributed.world_size)},
     };
   }
