@@ -303,7 +303,8 @@ int main(int argc, char** argv) {
   int64_t stage_blocks = 0;
   int64_t batch = 32, steps = 3, repeats = 3;
   int threads = 0;
-  std::string device_name = "cpu", json_path;
+  torch::DeviceType device_type = torch::kCPU;
+  std::string json_path;
   double budget_mib = 0;
   bool channels_last = true;
 
@@ -327,7 +328,14 @@ int main(int argc, char** argv) {
   app.add_option(
          "--threads", threads, "intra-op threads (0: LibTorch's default)")
       ->capture_default_str();
-  app.add_option("--device", device_name, "cpu or cuda")->capture_default_str();
+  const std::map<std::string, torch::DeviceType> devices{
+      {"cpu", torch::kCPU}, {"cuda", torch::kCUDA}};
+  app.add_option_function<std::string>(
+         "--device",
+         [&](const std::string& word) { device_type = devices.at(word); },
+         "where to measure")
+      ->check(CLI::IsMember(devices))
+      ->default_str("cpu");
   app.add_option("--json", json_path, "write the results as JSON to this file");
   app.add_option(
       "--depth",
@@ -361,13 +369,9 @@ int main(int argc, char** argv) {
     if (threads > 0) {
       torch::set_num_threads(threads);
     }
-    TORCH_CHECK(
-        device_name == "cpu" || device_name == "cuda",
-        "--device must be cpu or cuda, got ",
-        device_name);
     Runner runner;
-    runner.device =
-        device_name == "cuda" ? torch::Device(torch::kCUDA, 0) : torch::kCPU;
+    runner.device = device_type == torch::kCUDA ? torch::Device(torch::kCUDA, 0)
+                                                : torch::Device(torch::kCPU);
     TORCH_CHECK(
         !runner.device.is_cuda() || torch::cuda::is_available(),
         "--device cuda: no CUDA device is available");

@@ -247,3 +247,53 @@ TEST(CheckpointFile, ErrorMessagesKeepTheirFirstNonEmptyLine) {
   EXPECT_EQ(first_line_of("  one  \ntwo"), "one");
   EXPECT_EQ(first_line_of("\n\n"), "(no message)");
 }
+
+TEST(CheckpointFile, MetricsRowsRoundTripExactlyWithAndWithoutATestAccuracy) {
+  cifar::MetricsRow evaluated;
+  evaluated.step = 7;
+  evaluated.epoch = 1;
+  evaluated.loss = 1.0 / 3.0;
+  evaluated.train_acc = 0.1 + 0.2;
+  evaluated.test_acc = 2.0 / 3.0;
+  evaluated.lr = 0.1 * 3.0;
+  evaluated.images_per_s = 1234.56789;
+  evaluated.peak_memory = (size_t{1} << 40) + 3;
+  cifar::MetricsRow logged = evaluated;
+  logged.step = 9;
+  logged.test_acc.reset();
+  logged.peak_memory = 0;
+
+  const auto rows = cifar::decode_metrics_rows(
+      cifar::encode_metrics_rows({evaluated, logged}), 9);
+  ASSERT_EQ(rows.size(), 2u);
+  for (size_t k = 0; k < 2; ++k) {
+    const auto& want = k == 0 ? evaluated : logged;
+    EXPECT_EQ(rows[k].step, want.step);
+    EXPECT_EQ(rows[k].epoch, want.epoch);
+    EXPECT_EQ(rows[k].loss, want.loss);
+    EXPECT_EQ(rows[k].train_acc, want.train_acc);
+    EXPECT_EQ(rows[k].test_acc, want.test_acc);
+    EXPECT_EQ(rows[k].lr, want.lr);
+    EXPECT_EQ(rows[k].images_per_s, want.images_per_s);
+    EXPECT_EQ(rows[k].peak_memory, want.peak_memory);
+  }
+  // The CSV leaves the missing test accuracy empty.
+  EXPECT_THAT(
+      cifar::metrics_csv(rows),
+      HasSubstr("\n9,1,0.333333333,0.300000,,0.3,1234.6,0\n"));
+}
+
+TEST(CheckpointFile, MetricsRowsOutsideTheRunOrUnreadableAreRefused) {
+  cifar::MetricsRow row;
+  row.step = 5;
+  const auto text = cifar::encode_metrics_rows({row});
+  EXPECT_THAT(
+      [&] { cifar::decode_metrics_rows(text, 4); },
+      ThrowsMessage<std::invalid_argument>(
+          HasSubstr("metrics row for step 5 outside [1, 4]")));
+  EXPECT_THAT(
+      [&] { cifar::decode_metrics_rows(text + "6 0 x", 9); },
+      ThrowsMessage<std::invalid_argument>(
+          HasSubstr("unreadable metrics rows")));
+  EXPECT_TRUE(cifar::decode_metrics_rows("", 0).empty());
+}

@@ -3,7 +3,7 @@
 // cifar_train's configuration: the command-line flags as one struct, the
 // words each enumerated flag accepts, and the learning-rate schedules.
 
-#include "distributed.h"
+#include "distributed/options.h"
 
 #include <torch/torch.h>
 

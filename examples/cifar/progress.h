@@ -3,6 +3,8 @@
 // Training progress on stderr: a live bar on a terminal, plain periodic
 // lines otherwise (CI logs).
 
+#include "metrics.h"
+
 #include <fmt/core.h>
 
 #include <cmath>
@@ -28,68 +30,63 @@ class Progress {
         tty_(::isatty(STDERR_FILENO) == 1),
         start_(std::chrono::steady_clock::now()) {}
 
-  /// Reports the state after `step` steps, every step. On a terminal it
-  /// redraws the bar; otherwise it prints a line when `log_line` is set.
-  void update(
-      int64_t step,
-      int64_t epoch,
-      double loss,
-      double train_acc,
-      double images_per_s,
-      double test_acc,
-      bool log_line) {
-    if (silent_ || (!tty_ && !log_line && test_acc < 0)) {
+  /// Reports `row`, the state after `row.step` steps, every step. On a
+  /// terminal it redraws the bar; otherwise it prints a line when
+  /// `log_line` is set or the step evaluated.
+  void update(const MetricsRow& row, bool log_line) {
+    if (silent_ || (!tty_ && !log_line && !row.test_acc)) {
       return;
     }
     const double elapsed =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start_)
             .count();
-    const double eta = step > start_step_
-        ? elapsed / double(step - start_step_) * double(total_ - step)
+    const double eta = row.step > start_step_
+        ? elapsed / double(row.step - start_step_) * double(total_ - row.step)
         : 0.0;
     const std::string test =
-        test_acc >= 0 ? fmt::format(" test_acc {:.4f}", test_acc) : "";
-    if (tty_) {
-      // One line that fits the terminal: the figures first, then as much
-      // bar as the width leaves (none below 10 characters).
-      const std::string figures = fmt::format(
-          " {}/{} ep {} loss {:.4f} acc {:.3f} {:.0f} img/s ETA {}{}",
-          step,
-          total_,
-          epoch,
-          loss,
-          train_acc,
-          images_per_s,
-          format_duration(eta),
-          test);
-      const int columns = terminal_columns();
-      const int bar = std::min(30, columns - 1 - int(figures.size()) - 2);
-      std::string line;
-      if (bar >= 10) {
-        const int filled = int(bar * step / std::max<int64_t>(total_, 1));
-        line = "[" + std::string(filled, '=') + std::string(bar - filled, ' ') +
-            "]";
-      }
-      line += figures;
-      if (int(line.size()) > columns - 1) {
-        line.resize(std::max(columns - 1, 0));
-      }
-      fmt::print(stderr, "\r{}\x1b[K", line);
-      if (test_acc >= 0) {
-        fmt::print(stderr, "\n");
-      }
-    } else {
+        row.test_acc ? fmt::format(" test_acc {:.4f}", *row.test_acc) : "";
+    if (!tty_) {
       fmt::print(
           stderr,
           "step {}/{} epoch {} loss {:.4f} train_acc {:.4f} images/s {:.0f} eta {}{}\n",
-          step,
+          row.step,
           total_,
-          epoch,
-          loss,
-          train_acc,
-          images_per_s,
+          row.epoch,
+          row.loss,
+          row.train_acc,
+          row.images_per_s,
           format_duration(eta),
           test);
+      std::fflush(stderr);
+      return;
+    }
+    // One line that fits the terminal: the figures first, then as much bar
+    // as the width leaves (none below 10 characters).
+    const std::string figures = fmt::format(
+        " {}/{} ep {} loss {:.4f} acc {:.3f} {:.0f} img/s ETA {}{}",
+        row.step,
+        total_,
+        row.epoch,
+        row.loss,
+        row.train_acc,
+        row.images_per_s,
+        format_duration(eta),
+        test);
+    const int columns = terminal_columns();
+    const int bar = std::min(30, columns - 1 - int(figures.size()) - 2);
+    std::string line;
+    if (bar >= 10) {
+      const int filled = int(bar * row.step / std::max<int64_t>(total_, 1));
+      line =
+          "[" + std::string(filled, '=') + std::string(bar - filled, ' ') + "]";
+    }
+    line += figures;
+    if (int(line.size()) > columns - 1) {
+      line.resize(std::max(columns - 1, 0));
+    }
+    fmt::print(stderr, "\r{}\x1b[K", line);
+    if (row.test_acc) {
+      fmt::print(stderr, "\n");
     }
     std::fflush(stderr);
   }

@@ -6,7 +6,12 @@
 #include "data.h"
 #include "distributed.h"
 #include "files.h"
+#include "metrics.h"
+#include "peak_memory.h"
 #include "progress.h"
+#include "settings.h"
+#include "training_state.h"
+#include "validation.h"
 
 #include <torchrev/torchrev.h>
 
@@ -14,12 +19,6 @@
 #include <torch/torch.h>
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
-
-#ifdef TORCHREV_CUDA
-#include <c10/cuda/CUDACachingAllocator.h>
-#endif
-
-#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -69,42 +68,11 @@ inline double param_checksum(const torch::nn::Module& model) {
   return sum;
 }
 
-namespace detail {
-
-/// The first non-empty line of an error message, trimmed (LibTorch appends
-/// backtraces, and some messages start with a newline).
-inline std::string first_line_of(const std::string& message) {
-  size_t begin = 0;
-  while (begin < message.size()) {
-    size_t end = message.find('\n', begin);
-    if (end == std::string::npos) {
-      end = message.size();
-    }
-    const size_t first = message.find_first_not_of(" \t\r", begin);
-    if (first != std::string::npos && first < end) {
-      size_t last = end;
-      while (last > first &&
-             std::isspace(static_cast<unsigned char>(message[last - 1]))) {
-        --last;
-      }
-      return message.substr(first, last - first);
-    }
-    begin = end + 1;
-  }
-  return "(no message)";
-}
-
-inline std::string csv_header() {
-  return "step,epoch,loss,train_acc,test_acc,lr,images_per_s,peak_memory_bytes";
-}
-
-} // namespace detail
-
 /// A training run: set up with `TrainConfig`, then `run()`.
 class Trainer {
  public:
   explicit Trainer(TrainConfig config) : config_(std::move(config)) {
-    validate();
+    cifar::validate(config_);
     if (config_.optimizer == OptimizerKind::kAuto) {
       config_.optimizer = torchrev::models::is_transformer(config_.model)
           ? OptimizerKind::kAdamW
@@ -244,17 +212,15 @@ class Trainer {
     const int64_t first_step = step_;
     // Peak memory of the training steps (the data set and model included);
     // evaluations are measured apart (see evaluate_measured).
-    reset_peak_memory();
+    reset_peak_memory(device_);
     const auto start = std::chrono::steady_clock::now();
-    double train_seconds = 0.0; // training steps only
     const int64_t log_every = config_.log_every > 0
         ? config_.log_every
         : std::max<int64_t>(1, total_steps_ / 20);
     Progress progress(total_steps_, step_, config_.quiet || !is_main_rank());
     model_->train();
 
-    double window_loss = 0.0, window_seconds = 0.0;
-    int64_t window_correct = 0, window_seen = 0, window_steps = 0;
+    Window window; // the steps since the last metrics row
     const int64_t last = config_.stop_after > 0
         ? std::min(total_steps_, config_.stop_after)
         : total_steps_;
@@ -263,62 +229,28 @@ class Trainer {
         result.stopped_by_signal = stop_signal().load();
         break;
       }
-      const auto step_start = std::chrono::steady_clock::now();
-      const int64_t epoch = step / steps_per_epoch_;
       const double lr = learning_rate(config_, step, total_steps_);
-      for (auto& group : optimizer_->param_groups()) {
-        group.options().set_lr(lr);
-      }
-      auto [images, labels] = train_batch(step);
-      detail::zero_grad_in_place(*optimizer_);
-      auto logits = model_->forward(images);
-      auto loss = torch::nn::functional::cross_entropy(logits, labels);
-      if (parallel_) {
-        parallel_->backward(loss);
-      } else {
-        loss.backward();
-      }
-      optimizer_->step();
-
-      const auto loss_value = loss.item<double>();
-      result.step_losses.push_back(loss_value);
-      window_loss += loss_value;
-      window_correct += logits.argmax(1).eq(labels).sum().item<int64_t>();
-      window_seen += labels.size(0);
-      ++window_steps;
+      const StepResult done = train_step(step, lr);
+      result.step_losses.push_back(done.loss);
+      result.train_seconds += done.seconds;
+      window.add(done);
       step_ = step + 1;
-      const double seconds = std::chrono::duration<double>(
-                                 std::chrono::steady_clock::now() - step_start)
-                                 .count();
-      window_seconds += seconds;
-      train_seconds += seconds;
 
       const bool log_now = step_ % log_every == 0 || step_ == last;
       const bool eval_now = step_ == total_steps_ ||
           (config_.eval_every > 0 && step_ % config_.eval_every == 0);
-      double test_acc = -1.0;
+      MetricsRow row = window.row(config_.distributed.world_size);
+      row.step = step_;
+      row.epoch = step / steps_per_epoch_;
+      row.lr = lr;
       if (eval_now) {
-        test_acc = evaluate_measured(); // collective: every rank
+        row.test_acc = evaluate_measured(); // collective: every rank
       }
-      // Throughput of the training steps alone (no evaluation, no I/O).
-      const double ips = double(window_seen) * config_.distributed.world_size /
-          std::max(window_seconds, 1e-9);
-      const double mean_loss = window_loss / double(window_steps);
-      const double train_acc = double(window_correct) / double(window_seen);
-      progress.update(
-          step_, epoch, mean_loss, train_acc, ips, test_acc, log_now);
+      row.peak_memory = train_peak_memory();
+      progress.update(row, log_now);
       if (log_now || eval_now) {
-        rows_.push_back(
-            Row{step_,
-                epoch,
-                mean_loss,
-                train_acc,
-                test_acc,
-                lr,
-                ips,
-                train_peak_memory()});
-        window_loss = window_seconds = 0.0;
-        window_correct = window_seen = window_steps = 0;
+        rows_.push_back(row);
+        window = Window();
         if (is_main_rank() && !config_.metrics.empty() && eval_now) {
           write_metrics();
         }
@@ -350,10 +282,9 @@ class Trainer {
     result.steps_run = step_ - first_step;
     result.eval_peak_memory_bytes = eval_peak_;
     result.param_checksum = param_checksum(*model_);
-    result.train_seconds = train_seconds;
-    result.train_images_per_s = train_seconds > 0
+    result.train_images_per_s = result.train_seconds > 0
         ? double(result.steps_run * config_.batch_size) *
-            config_.distributed.world_size / train_seconds
+            config_.distributed.world_size / result.train_seconds
         : 0.0;
     result.seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
@@ -479,131 +410,77 @@ class Trainer {
 
   /// evaluate(), with its memory peak kept apart from training's.
   double evaluate_measured() {
-    train_peak_ = std::max(train_peak_, peak_memory());
-    reset_peak_memory();
+    train_peak_ = std::max(train_peak_, peak_memory(device_));
+    reset_peak_memory(device_);
     const double accuracy = evaluate();
-    eval_peak_ = std::max(eval_peak_, peak_memory());
-    reset_peak_memory();
+    eval_peak_ = std::max(eval_peak_, peak_memory(device_));
+    reset_peak_memory(device_);
     return accuracy;
   }
 
   /// The peak of the training steps so far.
   size_t train_peak_memory() const {
-    return std::max(train_peak_, peak_memory());
+    return std::max(train_peak_, peak_memory(device_));
   }
 
-  struct Row {
-    int64_t step, epoch;
-    double loss, train_acc, test_acc, lr, images_per_s;
-    size_t peak_memory;
+  /// What one training step measured.
+  struct StepResult {
+    double loss = 0.0;
+    int64_t correct = 0; ///< training images classified right
+    int64_t seen = 0; ///< training images of this rank
+    double seconds = 0.0; ///< the step alone: no evaluation, no I/O
   };
 
-  void validate() const {
-    auto fail = [](const std::string& message) {
-      throw std::invalid_argument(message);
-    };
-    const auto names = torchrev::models::model_names();
-    if (std::find(names.begin(), names.end(), config_.model) == names.end()) {
-      std::string valid;
-      for (const auto& n : names) {
-        valid += (valid.empty() ? "" : ", ") + n;
-      }
-      fail(
-          "--model " + config_.model + ": unknown model; expected one of " +
-          valid);
+  /// The training steps since the last metrics row.
+  struct Window {
+    double loss = 0.0;
+    double seconds = 0.0;
+    int64_t correct = 0;
+    int64_t seen = 0;
+    int64_t steps = 0;
+
+    void add(const StepResult& step) {
+      loss += step.loss;
+      seconds += step.seconds;
+      correct += step.correct;
+      seen += step.seen;
+      ++steps;
     }
-    // The command line can only spell the enums' values; a program can cast.
-    auto choice = [&](const char* flag, auto value) {
-      if (!is_choice(value)) {
-        fail(fmt::format(
-            "{} {}: not one of the flag's values",
-            flag,
-            static_cast<int>(value)));
-      }
-    };
-    choice("--optimizer", config_.optimizer);
-    choice("--schedule", config_.schedule);
-    choice("--device", config_.device);
-    choice("--augment", config_.augment);
-    // Each numeric flag, with the value that arrived.
-    auto positive = [&](const char* flag, int64_t value) {
-      if (value <= 0) {
-        fail(fmt::format("{} {}: expected a positive number", flag, value));
-      }
-    };
-    auto non_negative = [&](const char* flag, int64_t value) {
-      if (value < 0) {
-        fail(fmt::format("{} {}: expected 0 or more", flag, value));
-      }
-    };
-    positive("--batch-size", config_.batch_size);
-    non_negative("--epochs", config_.epochs);
-    non_negative("--max-steps", config_.max_steps);
-    non_negative("--eval-every", config_.eval_every);
-    non_negative("--log-every", config_.log_every);
-    non_negative("--checkpoint-every", config_.checkpoint_every);
-    non_negative("--stop-after", config_.stop_after);
-    non_negative("--threads", config_.threads);
-    if (!std::isfinite(config_.lr) || config_.lr < 0.0) {
-      fail(fmt::format(
-          "--lr {}: expected a finite positive number (or 0: 0.1 for SGD, "
-          "0.002 for AdamW)",
-          config_.lr));
+
+    /// The window's loss, accuracy and throughput (of all `world` ranks).
+    MetricsRow row(int world) const {
+      MetricsRow r;
+      r.loss = loss / double(steps);
+      r.train_acc = double(correct) / double(seen);
+      r.images_per_s = double(seen) * world / std::max(seconds, 1e-9);
+      return r;
     }
-    if (!std::isfinite(config_.momentum) || config_.momentum < 0.0) {
-      fail(fmt::format(
-          "--momentum {}: expected a finite number >= 0", config_.momentum));
+  };
+
+  /// One optimizer step at learning rate `lr` on the batch of `step`.
+  StepResult train_step(int64_t step, double lr) {
+    const auto start = std::chrono::steady_clock::now();
+    for (auto& group : optimizer_->param_groups()) {
+      group.options().set_lr(lr);
     }
-    if (!std::isfinite(config_.weight_decay) || config_.weight_decay < 0.0) {
-      fail(fmt::format(
-          "--weight-decay {}: expected a finite number >= 0",
-          config_.weight_decay));
+    auto [images, labels] = train_batch(step);
+    detail::zero_grad_in_place(*optimizer_);
+    auto logits = model_->forward(images);
+    auto loss = torch::nn::functional::cross_entropy(logits, labels);
+    if (parallel_) {
+      parallel_->backward(loss);
+    } else {
+      loss.backward();
     }
-    const auto& dist = config_.distributed;
-    if (dist.world_size < 1) {
-      fail(fmt::format(
-          "--world-size {}: expected 1 or more processes", dist.world_size));
-    }
-    if (dist.rank < 0 || dist.rank >= dist.world_size) {
-      fail(fmt::format(
-          "--rank {}: expected a rank in [0, {})", dist.rank, dist.world_size));
-    }
-    if ((config_.dataset == "cifar10" || config_.dataset == "cifar100") &&
-        config_.data_dir.empty()) {
-      fail(
-          "--dataset " + config_.dataset +
-          " needs --data-dir (the folder "
-          "with the binary files; nothing is downloaded)");
-    }
-    for (const auto& [flag, path] :
-         {std::pair<std::string, std::string>{"--metrics", config_.metrics},
-          {"--checkpoint", config_.checkpoint}}) {
-      if (path.empty()) {
-        continue;
-      }
-      if (std::filesystem::is_directory(path)) {
-        fail(fmt::format(
-            "{} {}: is a directory; expected a file name", flag, path));
-      }
-      auto dir = std::filesystem::absolute(path).parent_path();
-      if (!std::filesystem::is_directory(dir) ||
-          ::access(dir.c_str(), W_OK) != 0) {
-        fail(fmt::format(
-            "{} {}: cannot write into {}", flag, path, dir.string()));
-      }
-    }
-    if (config_.resume && config_.resume_if_exists) {
-      fail("--resume and --resume-if-exists: give one of them");
-    }
-    if (config_.resume && config_.checkpoint.empty()) {
-      fail("--resume needs --checkpoint FILE");
-    }
-    if (config_.resume_if_exists && config_.checkpoint.empty()) {
-      fail("--resume-if-exists needs --checkpoint FILE");
-    }
-    if (config_.resume && !std::filesystem::exists(config_.checkpoint)) {
-      fail("--resume: checkpoint " + config_.checkpoint + " does not exist");
-    }
+    optimizer_->step();
+    StepResult done;
+    done.loss = loss.item<double>();
+    done.correct = logits.argmax(1).eq(labels).sum().item<int64_t>();
+    done.seen = labels.size(0);
+    done.seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+            .count();
+    return done;
   }
 
   std::pair<torch::Tensor, torch::Tensor> train_batch(int64_t step) {
@@ -640,51 +517,14 @@ class Trainer {
                               : torch::MemoryFormat::Contiguous);
   }
 
-  void reset_peak_memory() const {
-#ifdef TORCHREV_CUDA
-    if (device_.is_cuda()) {
-      c10::cuda::CUDACachingAllocator::resetPeakStats(
-          device_.index() < 0 ? 0 : device_.index());
-      return;
-    }
-#endif
-    torchrev::CPUMemoryMeter::instance().reset_peak();
-  }
-
-  /// The allocator's peak since the last reset_peak_memory().
-  size_t peak_memory() const {
-#ifdef TORCHREV_CUDA
-    // The caching allocator's peak, as memory_bench reports on CUDA.
-    if (device_.is_cuda()) {
-      const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(
-          device_.index() < 0 ? 0 : device_.index());
-      return static_cast<size_t>(stats.allocated_bytes[0].peak);
-    }
-#endif
-    return torchrev::CPUMemoryMeter::instance().peak_bytes();
-  }
-
   void write_metrics() const {
-    std::string csv = detail::csv_header() + "\n";
-    for (const auto& r : rows_) {
-      csv += fmt::format(
-          "{},{},{:.9g},{:.6f},{},{:.6g},{:.1f},{}\n",
-          r.step,
-          r.epoch,
-          r.loss,
-          r.train_acc,
-          r.test_acc >= 0 ? fmt::format("{:.6f}", r.test_acc) : "",
-          r.lr,
-          r.images_per_s,
-          r.peak_memory);
-    }
-    write_file_atomically(config_.metrics, csv);
+    write_file_atomically(config_.metrics, metrics_csv(rows_));
   }
 
   /// The settings a resumed run must share with its checkpoint to continue
   /// the same run, as (flag, value) pairs; --epochs, --max-steps and
   /// --batch-size are also covered by the step count.
-  std::vector<std::pair<std::string, std::string>> run_settings() const {
+  RunSettings run_settings() const {
     return {
         {"--batch-size", std::to_string(config_.batch_size)},
         {"--seed", std::to_string(config_.seed)},
@@ -698,163 +538,48 @@ class Trainer {
     };
   }
 
-  /// A setting whose value differs between two runs.
-  struct SettingDifference {
-    std::string flag, theirs, ours;
-  };
-
-  /// Compares `encoded` (encode_settings' format) with `ours`: the first
-  /// flag in `encoded` whose value differs, if any. `matched`, when given,
-  /// counts the flags of `encoded` found in `ours` with the same value.
-  static std::optional<SettingDifference> first_difference(
-      const std::string& encoded,
-      const std::vector<std::pair<std::string, std::string>>& ours,
-      size_t* matched = nullptr) {
-    std::istringstream theirs(encoded);
-    std::string flag, value;
-    while (theirs >> flag >> value) {
-      for (const auto& [f, v] : ours) {
-        if (f != flag) {
-          continue;
-        }
-        if (v != value) {
-          return SettingDifference{flag, value, v};
-        }
-        if (matched != nullptr) {
-          ++*matched;
-        }
-      }
-    }
-    return std::nullopt;
-  }
-
-  static std::string encode_settings(
-      const std::vector<std::pair<std::string, std::string>>& settings) {
-    std::string out;
-    for (const auto& [flag, value] : settings) {
-      out += fmt::format("{} {}\n", flag, value);
-    }
-    return out;
-  }
-
-  /// The whole checkpoint, serialized in memory and sealed (files.h), so
-  /// that writing it is one checked write and reading it starts with an
-  /// integrity check.
-  std::string checkpoint_bytes() const {
-    torch::serialize::OutputArchive archive;
-    torch::serialize::OutputArchive model_archive, optimizer_archive;
-    model_->save(model_archive);
-    optimizer_->save(optimizer_archive);
-    archive.write("model", model_archive);
-    archive.write("optimizer", optimizer_archive);
-    archive.write("model_name", c10::IValue(config_.model));
-    archive.write("dataset", c10::IValue(dataset_.name));
-    archive.write("step", c10::IValue(step_));
-    archive.write("total_steps", c10::IValue(total_steps_));
-    archive.write("settings", c10::IValue(encode_settings(run_settings())));
-    const at::Generator& generator = at::detail::getDefaultCPUGenerator();
-    archive.write("rng", generator.get_state());
-    std::string rows;
-    for (const auto& r : rows_) {
-      rows += fmt::format(
-          "{} {} {:.17g} {:.17g} {:.17g} {:.17g} {:.17g} {}\n",
-          r.step,
-          r.epoch,
-          r.loss,
-          r.train_acc,
-          r.test_acc,
-          r.lr,
-          r.images_per_s,
-          r.peak_memory);
-    }
-    archive.write("metrics", c10::IValue(rows));
-    std::string payload;
-    archive.save_to([&payload](const void* data, size_t size) -> size_t {
-      payload.append(static_cast<const char*>(data), size);
-      return size;
-    });
-    return seal(payload);
-  }
-
   void save_checkpoint() {
     // The serialized copy is I/O, not training: kept out of the peak.
-    train_peak_ = std::max(train_peak_, peak_memory());
-    write_file_atomically(config_.checkpoint, checkpoint_bytes());
-    reset_peak_memory();
+    train_peak_ = std::max(train_peak_, peak_memory(device_));
+    const RunRecord record{
+        config_.model,
+        dataset_.name,
+        step_,
+        total_steps_,
+        encode_settings(run_settings()),
+        rows_};
+    write_file_atomically(
+        config_.checkpoint, checkpoint_bytes(record, *model_, *optimizer_));
+    reset_peak_memory(device_);
   }
 
+  /// Continues the run that --checkpoint holds: refuses a checkpoint of
+  /// another model, data set, length or settings before anything of this
+  /// run changes.
   void load_checkpoint() {
-    const std::string& path = config_.checkpoint;
-    auto fail = [&](const std::string& what) {
-      throw std::runtime_error("checkpoint " + path + ": " + what);
-    };
-    // Nothing parses the file before its integrity is established.
-    const std::string sealed = read_file_bytes(path);
-    std::string_view payload;
-    try {
-      payload = unseal(sealed, path);
-    } catch (const FileError& e) {
-      throw std::runtime_error(
-          std::string("cannot read checkpoint ") + e.what() +
-          "; nothing was loaded");
-    }
-    torch::serialize::InputArchive archive;
-    try {
-      archive.load_from(payload.data(), payload.size());
-    } catch (const c10::Error&) {
-      fail(
-          "cannot read: not a cifar_train checkpoint (no LibTorch archive "
-          "inside)");
-    }
-    // Every field, checked for presence and type before it is used.
-    auto field = [&](const char* name,
-                     bool (c10::IValue::*is)() const,
-                     const char* kind) {
-      c10::IValue value;
-      if (!archive.try_read(name, value) || !(value.*is)()) {
-        fail(fmt::format(
-            "field '{}' is missing or not {} (not a cifar_train checkpoint "
-            "of this version)",
-            name,
-            kind));
-      }
-      return value;
-    };
-    const auto model_name =
-        field("model_name", &c10::IValue::isString, "a string");
-    const auto dataset_name =
-        field("dataset", &c10::IValue::isString, "a string");
-    const int64_t step =
-        field("step", &c10::IValue::isInt, "an integer").toInt();
-    const int64_t total =
-        field("total_steps", &c10::IValue::isInt, "an integer").toInt();
-    const auto settings = field("settings", &c10::IValue::isString, "a string");
-    const auto metrics = field("metrics", &c10::IValue::isString, "a string");
-    if (model_name.toStringRef() != config_.model) {
-      fail(
-          "holds model " + model_name.toStringRef() + ", but --model is " +
+    LoadedCheckpoint checkpoint(config_.checkpoint);
+    const RunRecord& saved = checkpoint.record();
+    if (saved.model_name != config_.model) {
+      checkpoint.fail(
+          "holds model " + saved.model_name + ", but --model is " +
           config_.model);
     }
-    if (dataset_name.toStringRef() != dataset_.name) {
-      fail(
-          "was trained on " + dataset_name.toStringRef() +
-          ", but this run uses " + dataset_.name);
+    if (saved.dataset != dataset_.name) {
+      checkpoint.fail(
+          "was trained on " + saved.dataset + ", but this run uses " +
+          dataset_.name);
     }
-    if (total != total_steps_) {
-      fail(fmt::format(
+    if (saved.total_steps != total_steps_) {
+      checkpoint.fail(fmt::format(
           "belongs to a run of {} steps, but this run has {}; resume with the "
           "same --epochs/--max-steps/--batch-size",
-          total,
+          saved.total_steps,
           total_steps_));
-    }
-    if (step < 0 || step > total) {
-      fail(fmt::format("step {} is outside [0, {}]", step, total));
     }
     const auto current = run_settings();
     size_t matched = 0;
-    if (const auto d =
-            first_difference(settings.toStringRef(), current, &matched)) {
-      fail(fmt::format(
+    if (const auto d = first_difference(saved.settings, current, &matched)) {
+      checkpoint.fail(fmt::format(
           "was written with {} {}, but this run has {} {}; resume with "
           "the run's settings",
           d->flag,
@@ -864,54 +589,23 @@ class Trainer {
     }
     // Checkpoints written before --optimizer existed record none: SGD.
     const bool before_optimizer_flag =
-        settings.toStringRef().find("--optimizer ") == std::string::npos;
+        saved.settings.find("--optimizer ") == std::string::npos;
     if (before_optimizer_flag && config_.optimizer != OptimizerKind::kSgd) {
-      fail(fmt::format(
+      checkpoint.fail(fmt::format(
           "was written with --optimizer sgd, but this run has --optimizer {}; "
           "resume with the run's settings",
           name_of(config_.optimizer)));
     }
     if (matched + (before_optimizer_flag ? 1 : 0) != current.size()) {
-      fail("records incomplete settings (not a checkpoint of this version)");
-    }
-    torch::serialize::InputArchive model_archive, optimizer_archive;
-    torch::Tensor rng;
-    try {
-      archive.read("model", model_archive);
-      archive.read("optimizer", optimizer_archive);
-      archive.read("rng", rng);
-    } catch (const c10::Error&) {
-      fail("the model, optimizer or random state is missing");
+      checkpoint.fail(
+          "records incomplete settings (not a checkpoint of this version)");
     }
     // A failure here ends the Trainer's construction: a half-restored model
     // is never trained.
-    try {
-      model_->load(model_archive);
-      optimizer_->load(optimizer_archive);
-      at::Generator generator = at::detail::getDefaultCPUGenerator();
-      generator.set_state(rng);
-    } catch (const c10::Error& e) {
-      fail(
-          "does not fit this model: " +
-          detail::first_line_of(e.what_without_backtrace()));
-    }
-    std::vector<Row> rows;
-    std::istringstream lines(metrics.toStringRef());
-    Row r{};
-    while (lines >> r.step >> r.epoch >> r.loss >> r.train_acc >> r.test_acc >>
-           r.lr >> r.images_per_s >> r.peak_memory) {
-      if (r.step < 1 || r.step > step) {
-        fail(fmt::format(
-            "metrics row for step {} outside [1, {}]", r.step, step));
-      }
-      rows.push_back(r);
-    }
-    if (!lines.eof()) {
-      fail("unreadable metrics rows");
-    }
-    step_ = step;
-    resumed_from_ = step;
-    rows_ = std::move(rows);
+    checkpoint.restore(*model_, *optimizer_);
+    step_ = saved.step;
+    resumed_from_ = saved.step;
+    rows_ = saved.rows;
   }
 
   TrainConfig config_;
@@ -926,7 +620,7 @@ class Trainer {
   int64_t step_ = 0;
   std::vector<int64_t> order_;
   int64_t order_epoch_ = -1;
-  std::vector<Row> rows_;
+  std::vector<MetricsRow> rows_;
   std::optional<double> last_test_accuracy_; // of the latest evaluation
   std::optional<int64_t> resumed_from_; // the checkpoint's step, when resumed
   size_t train_peak_ = 0; // of the training steps, before the last reset
