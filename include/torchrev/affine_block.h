@@ -1,6 +1,7 @@
 #pragma once
 
 #include <torchrev/coupling_block.h>
+#include <torchrev/detail/module_pair.h>
 
 #include <torch/arg.h>
 #include <torch/nn/module.h>
@@ -114,45 +115,24 @@ class AffineBlockBase : public CouplingBlockBase {
 /// scale and the shift joined along the split dimension; see
 /// `AffineBlockBase`.
 template <class F, class G>
-class AffineBlockImpl : public AffineBlockBase {
+class AffineBlockImpl
+    : public detail::
+          ModulePairImpl<AffineBlockImpl<F, G>, AffineBlockBase, F, G> {
  public:
   AffineBlockImpl(F f_, G g_, AffineBlockOptions options_ = {})
-      : AffineBlockBase(std::move(options_)),
-        f(register_module("f", std::move(f_))),
-        g(register_module("g", std::move(g_))) {}
-
-  torch::Tensor forward_f(const torch::Tensor& x2) override {
-    return f->forward(x2);
-  }
-
-  torch::Tensor forward_g(const torch::Tensor& y1) override {
-    return g->forward(y1);
-  }
-
-  /// Deep copy: clones F and G (and with them their parameters and buffers).
-  std::shared_ptr<torch::nn::Module> clone(
-      const torch::optional<torch::Device>& device =
-          torch::nullopt) const override {
-    auto f_copy =
-        std::dynamic_pointer_cast<typename F::ContainedType>(f->clone(device));
-    auto g_copy =
-        std::dynamic_pointer_cast<typename G::ContainedType>(g->clone(device));
-    return std::make_shared<AffineBlockImpl>(F(f_copy), G(g_copy), options);
-  }
+      : detail::ModulePairImpl<AffineBlockImpl<F, G>, AffineBlockBase, F, G>(
+            std::move(f_),
+            std::move(g_),
+            std::move(options_)) {}
 
   /// Pretty prints `torchrev::AffineBlock(min_scale=...)`.
   void pretty_print(std::ostream& stream) const override {
-    stream << "torchrev::AffineBlock(min_scale=" << options.min_scale();
-    if (options.split_dim() != AffineBlockOptions().split_dim()) {
-      stream << ", split_dim=" << options.split_dim();
+    stream << "torchrev::AffineBlock(min_scale=" << this->options.min_scale();
+    if (this->options.split_dim() != AffineBlockOptions().split_dim()) {
+      stream << ", split_dim=" << this->options.split_dim();
     }
     stream << ")";
   }
-
-  /// The module computing F's raw scale and shift from x2.
-  F f;
-  /// The module computing G's raw scale and shift from y1.
-  G g;
 };
 
 /// Holder of an `AffineBlockImpl<F, G>`:

@@ -2,6 +2,7 @@
 
 #include <torchrev/activation_audit.h>
 #include <torchrev/detail/concurrent_use.h>
+#include <torchrev/detail/dims.h>
 #include <torchrev/detail/unique_tensors.h>
 #include <torchrev/invertible_module.h>
 #include <torchrev/recompute.h>
@@ -136,15 +137,7 @@ inline std::string describe(const CouplingBlockBase& block) {
 inline int64_t resolved_split_dim(
     const CouplingBlockBase& block,
     const torch::Tensor& x) {
-  const int64_t dim = block.configured_split_dim();
-  TORCH_CHECK(
-      dim >= -x.dim() && dim < x.dim(),
-      "torchrev: split_dim ",
-      dim,
-      " is out of range for an input with ",
-      x.dim(),
-      " dimensions");
-  return dim < 0 ? dim + x.dim() : dim;
+  return resolve_dim(block.configured_split_dim(), x, "torchrev", "split_dim");
 }
 
 /// Checks that `x` can be split into two equal halves along the block's
@@ -165,18 +158,8 @@ inline void check_splittable(
       x.dim(),
       "-d tensor of shape ",
       x.sizes());
-  const int64_t raw_dim = block.configured_split_dim();
-  TORCH_CHECK(
-      raw_dim >= -x.dim() && raw_dim < x.dim(),
-      where,
-      ": split_dim ",
-      raw_dim,
-      " is out of range for an input with ",
-      x.dim(),
-      " dimensions (shape ",
-      x.sizes(),
-      ")");
-  const int64_t dim = resolved_split_dim(block, x);
+  const int64_t dim =
+      resolve_dim(block.configured_split_dim(), x, where, "split_dim");
   TORCH_CHECK(
       x.size(dim) % 2 == 0,
       where,

@@ -4,6 +4,7 @@
 // so that a `RevSequential` can downsample and widen without storing
 // anything (i-RevNet, Jacobsen et al. 2018).
 
+#include <torchrev/detail/dims.h>
 #include <torchrev/invertible_module.h>
 
 #include <torch/arg.h>
@@ -13,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 #include <ostream>
+#include <string>
 
 namespace torchrev {
 
@@ -161,16 +163,11 @@ class ChannelZeroPadImpl : public InvertibleModule {
         "torchrev::ChannelZeroPad",
         method,
         ": expected a defined tensor");
-    const int64_t dim = options.dim();
-    TORCH_CHECK(
-        dim >= -t.dim() && dim < t.dim(),
-        "torchrev::ChannelZeroPad",
-        method,
-        ": dim ",
-        dim,
-        " is out of range for an input of shape ",
-        t.sizes());
-    return dim < 0 ? dim + t.dim() : dim;
+    return detail::resolve_dim(
+        options.dim(),
+        t,
+        std::string("torchrev::ChannelZeroPad") + method,
+        "dim");
   }
 };
 

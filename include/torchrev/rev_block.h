@@ -1,6 +1,7 @@
 #pragma once
 
 #include <torchrev/coupling_block.h>
+#include <torchrev/detail/module_pair.h>
 
 #include <torch/arg.h>
 #include <torch/nn/module.h>
@@ -105,45 +106,23 @@ class RevBlockBase : public CouplingBlockBase {
 /// holders such as `torch::nn::Sequential`, each with a
 /// `forward(const torch::Tensor&)`). See `RevBlockBase` for the computation.
 template <class F, class G>
-class RevBlockImpl : public RevBlockBase {
+class RevBlockImpl
+    : public detail::ModulePairImpl<RevBlockImpl<F, G>, RevBlockBase, F, G> {
  public:
   RevBlockImpl(F f_, G g_, RevBlockOptions options_ = {})
-      : RevBlockBase(std::move(options_)),
-        f(register_module("f", std::move(f_))),
-        g(register_module("g", std::move(g_))) {}
-
-  torch::Tensor forward_f(const torch::Tensor& x2) override {
-    return f->forward(x2);
-  }
-
-  torch::Tensor forward_g(const torch::Tensor& y1) override {
-    return g->forward(y1);
-  }
-
-  /// Deep copy: clones F and G (and with them their parameters and buffers).
-  std::shared_ptr<torch::nn::Module> clone(
-      const torch::optional<torch::Device>& device =
-          torch::nullopt) const override {
-    auto f_copy =
-        std::dynamic_pointer_cast<typename F::ContainedType>(f->clone(device));
-    auto g_copy =
-        std::dynamic_pointer_cast<typename G::ContainedType>(g->clone(device));
-    return std::make_shared<RevBlockImpl>(F(f_copy), G(g_copy), options);
-  }
+      : detail::ModulePairImpl<RevBlockImpl<F, G>, RevBlockBase, F, G>(
+            std::move(f_),
+            std::move(g_),
+            std::move(options_)) {}
 
   /// Pretty prints `torchrev::RevBlock` and its options that differ from the
   /// defaults.
   void pretty_print(std::ostream& stream) const override {
     stream << "torchrev::RevBlock";
-    if (options.split_dim() != RevBlockOptions().split_dim()) {
-      stream << "(split_dim=" << options.split_dim() << ")";
+    if (this->options.split_dim() != RevBlockOptions().split_dim()) {
+      stream << "(split_dim=" << this->options.split_dim() << ")";
     }
   }
-
-  /// The module computing F(x2).
-  F f;
-  /// The module computing G(y1).
-  G g;
 };
 
 /// Holder of a `RevBlockImpl<F, G>`, as `TORCH_MODULE` would declare it:

@@ -446,15 +446,8 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
 
       // G: reconstruct x2 and back-propagate dy2 through G.
       auto y1_leaf = y.first.detach().requires_grad_(true);
-      torch::Tensor g_out;
-      detail::RecomputeScope g_scope;
-      {
-        detail::ForwardReplayGuard replay(
-            state->autocast, state->replayed_rng_before_g(i), y1_leaf.device());
-        g_out = detail::checked_g(block, y1_leaf, where);
-      }
-      detail::check_no_outside_dependencies(
-          g_out, y1_leaf, params, g_scope, where, "G");
+      torch::Tensor g_out =
+          recompute_half(Half::kG, block, y1_leaf, *state, i, params, where);
       // dx2's share from the coupling: dy2 itself when additive.
       torch::Tensor dx2_coupling;
       torch::autograd::variable_list g_grads;
@@ -492,15 +485,8 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       // F: reconstruct x1 and back-propagate dy1 (now including G's part)
       // through F.
       auto x2_leaf = x.second.detach().requires_grad_(true);
-      torch::Tensor f_out;
-      detail::RecomputeScope f_scope;
-      {
-        detail::ForwardReplayGuard replay(
-            state->autocast, state->replayed_rng_before_f(i), x2_leaf.device());
-        f_out = detail::checked_f(block, x2_leaf, where);
-      }
-      detail::check_no_outside_dependencies(
-          f_out, x2_leaf, params, f_scope, where, "F");
+      torch::Tensor f_out =
+          recompute_half(Half::kF, block, x2_leaf, *state, i, params, where);
       if (detail::is_additive(block)) {
         auto f_grads = differentiate(f_out, {x2_leaf}, params, dx.first);
         x2_leaf = torch::Tensor();
@@ -576,6 +562,39 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
   }
 
  private:
+  /// The two functions of a coupling block.
+  enum class Half { kF, kG };
+
+  /// F(x2) or G(y1) of block `i`, recorded by autograd from `leaf`, as the
+  /// forward computed it: with the random state it drew from and its
+  /// autocast state. Throws when the graph reaches a tensor other than
+  /// `leaf` and the block's `params` that requires grad (state the block
+  /// kept from its forward).
+  static torch::Tensor recompute_half(
+      Half half,
+      CouplingBlockBase& block,
+      const torch::Tensor& leaf,
+      const RevStageState& state,
+      size_t i,
+      const std::vector<torch::Tensor>& params,
+      const std::string& where) {
+    const bool is_f = half == Half::kF;
+    detail::RecomputeScope scope;
+    torch::Tensor out;
+    {
+      detail::ForwardReplayGuard replay(
+          state.autocast,
+          is_f ? state.replayed_rng_before_f(i)
+               : state.replayed_rng_before_g(i),
+          leaf.device());
+      out = is_f ? detail::checked_f(block, leaf, where)
+                 : detail::checked_g(block, leaf, where);
+    }
+    detail::check_no_outside_dependencies(
+        out, leaf, params, scope, where, is_f ? "F" : "G");
+    return out;
+  }
+
   /// x = uncouple(y, h) for a coupling block, outside any graph, under the
   /// forward's autocast state (as `couple` ran).
   static torch::Tensor uncouple_detached(
