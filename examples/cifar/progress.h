@@ -45,25 +45,13 @@ class Progress {
         : 0.0;
     const std::string test =
         row.test_acc ? fmt::format(" test_acc {:.4f}", *row.test_acc) : "";
-    if (!tty_) {
-      fmt::print(
-          stderr,
-          "step {}/{} epoch {} loss {:.4f} train_acc {:.4f} images/s {:.0f} eta {}{}\n",
-          row.step,
-          total_,
-          row.epoch,
-          row.loss,
-          row.train_acc,
-          row.images_per_s,
-          format_duration(eta),
-          test);
-      std::fflush(stderr);
-      return;
-    }
-    // One line that fits the terminal: the figures first, then as much bar
-    // as the width leaves (none below 10 characters).
+    // The same figures: compact before a bar on a terminal, spelled out in
+    // a log.
     const std::string figures = fmt::format(
-        " {}/{} ep {} loss {:.4f} acc {:.3f} {:.0f} img/s ETA {}{}",
+        fmt::runtime(
+            tty_ ? " {}/{} ep {} loss {:.4f} acc {:.3f} {:.0f} img/s ETA {}{}"
+                 : "step {}/{} epoch {} loss {:.4f} train_acc {:.4f} "
+                   "images/s {:.0f} eta {}{}"),
         row.step,
         total_,
         row.epoch,
@@ -72,6 +60,13 @@ class Progress {
         row.images_per_s,
         format_duration(eta),
         test);
+    if (!tty_) {
+      fmt::print(stderr, "{}\n", figures);
+      std::fflush(stderr);
+      return;
+    }
+    // One line that fits the terminal: the figures first, then as much bar
+    // as the width leaves (none below 10 characters).
     const int columns = terminal_columns();
     const int bar = std::min(30, columns - 1 - int(figures.size()) - 2);
     std::string line;

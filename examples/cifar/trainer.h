@@ -84,33 +84,7 @@ class Trainer {
     if (config_.threads > 0) {
       torch::set_num_threads(config_.threads);
     }
-    device_ = torch::Device(torch::kCPU);
-    if (config_.device == torch::kCUDA) {
-      if (!torch::cuda::is_available()) {
-        throw std::invalid_argument(
-            "--device cuda: no CUDA device is available");
-      }
-      // One device per rank on a machine: the launcher's LOCAL_RANK.
-      const int local_rank = config_.distributed.local_rank;
-      // A count (c10::DeviceIndex, a signed char on LibTorch 2.x), not a
-      // character.
-      const auto devices = static_cast<int>(
-          torch::cuda::device_count()); // NOLINT(bugprone-signed-char-misuse)
-      if (local_rank >= devices) {
-        throw std::invalid_argument(fmt::format(
-            "--device cuda: local rank {} needs CUDA device {}, but this "
-            "machine has {} (start at most {} ranks per machine)",
-            local_rank,
-            local_rank,
-            devices,
-            devices));
-      }
-      device_ = torch::Device(
-          torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank));
-      // Also the current device, which streams, contexts and NCCL use when
-      // no tensor names one: otherwise every rank would also open GPU 0.
-      c10::impl::getDeviceGuardImpl(device_.type())->setDevice(device_);
-    }
+    device_ = training_device(config_);
     dataset_ = load_dataset(config_.dataset, config_.data_dir);
     augment_ = config_.augment == Augment::kOn ||
         (config_.augment == Augment::kAuto && dataset_.name != "fashion-mnist");
@@ -125,45 +99,10 @@ class Trainer {
     if (config_.channels_last) {
       torchrev::models::use_channels_last(*model_);
     }
-    if (config_.optimizer == OptimizerKind::kAdamW) {
-      optimizer_ = std::make_unique<torch::optim::AdamW>(
-          model_->parameters(),
-          torch::optim::AdamWOptions(config_.lr)
-              .weight_decay(config_.weight_decay));
-    } else {
-      optimizer_ = std::make_unique<torch::optim::SGD>(
-          model_->parameters(),
-          torch::optim::SGDOptions(config_.lr)
-              .momentum(config_.momentum)
-              .weight_decay(config_.weight_decay));
-    }
+    optimizer_ = make_optimizer(config_, model_->parameters());
 
-    const int world = config_.distributed.world_size;
-    const int64_t shard = (dataset_.train.size() + world - 1) / world;
-    steps_per_epoch_ = shard / config_.batch_size;
-    if (steps_per_epoch_ == 0) {
-      throw std::invalid_argument(fmt::format(
-          "--batch-size {} is larger than the {} training images per rank",
-          config_.batch_size,
-          shard));
-    }
-    total_steps_ = config_.max_steps;
-    if (config_.epochs > 0) {
-      if (config_.epochs >
-          std::numeric_limits<int64_t>::max() / steps_per_epoch_) {
-        throw std::invalid_argument(fmt::format(
-            "--epochs {}: too many ({} steps each would overflow the step "
-            "count)",
-            config_.epochs,
-            steps_per_epoch_));
-      }
-      const int64_t by_epochs = config_.epochs * steps_per_epoch_;
-      total_steps_ =
-          total_steps_ > 0 ? std::min(total_steps_, by_epochs) : by_epochs;
-    }
-    if (total_steps_ == 0) {
-      total_steps_ = kDefaultSteps;
-    }
+    steps_per_epoch_ = count_steps_per_epoch(config_, dataset_);
+    total_steps_ = count_total_steps(config_, steps_per_epoch_);
     // Writers killed mid-write (SIGKILL, power loss) leave their temporary
     // files behind; the next run removes them.
     for (const auto* path : {&config_.checkpoint, &config_.metrics}) {
@@ -394,6 +333,92 @@ class Trainer {
   }
 
  private:
+  /// The device this rank trains on: the CPU, or the CUDA device of its
+  /// local rank, made the current one.
+  static torch::Device training_device(const TrainConfig& config) {
+    if (config.device != torch::kCUDA) {
+      return torch::kCPU;
+    }
+    if (!torch::cuda::is_available()) {
+      throw std::invalid_argument("--device cuda: no CUDA device is available");
+    }
+    // One device per rank on a machine: the launcher's LOCAL_RANK.
+    const int local_rank = config.distributed.local_rank;
+    // A count (c10::DeviceIndex, a signed char on LibTorch 2.x), not a
+    // character.
+    const auto devices = static_cast<int>(
+        torch::cuda::device_count()); // NOLINT(bugprone-signed-char-misuse)
+    if (local_rank >= devices) {
+      throw std::invalid_argument(fmt::format(
+          "--device cuda: local rank {} needs CUDA device {}, but this "
+          "machine has {} (start at most {} ranks per machine)",
+          local_rank,
+          local_rank,
+          devices,
+          devices));
+    }
+    const torch::Device device(
+        torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank));
+    // Also the current device, which streams, contexts and NCCL use when no
+    // tensor names one: otherwise every rank would also open GPU 0.
+    c10::impl::getDeviceGuardImpl(device.type())->setDevice(device);
+    return device;
+  }
+
+  /// The optimizer `config` names, at its learning rate.
+  static std::unique_ptr<torch::optim::Optimizer> make_optimizer(
+      const TrainConfig& config,
+      const std::vector<torch::Tensor>& parameters) {
+    if (config.optimizer == OptimizerKind::kAdamW) {
+      return std::make_unique<torch::optim::AdamW>(
+          parameters,
+          torch::optim::AdamWOptions(config.lr).weight_decay(
+              config.weight_decay));
+    }
+    return std::make_unique<torch::optim::SGD>(
+        parameters,
+        torch::optim::SGDOptions(config.lr)
+            .momentum(config.momentum)
+            .weight_decay(config.weight_decay));
+  }
+
+  /// Full batches in each rank's share of an epoch.
+  static int64_t count_steps_per_epoch(
+      const TrainConfig& config,
+      const Dataset& dataset) {
+    const int world = config.distributed.world_size;
+    const int64_t shard = (dataset.train.size() + world - 1) / world;
+    const int64_t steps = shard / config.batch_size;
+    if (steps == 0) {
+      throw std::invalid_argument(fmt::format(
+          "--batch-size {} is larger than the {} training images per rank",
+          config.batch_size,
+          shard));
+    }
+    return steps;
+  }
+
+  /// The run's length: --max-steps, --epochs (the shorter when both are
+  /// given), else kDefaultSteps.
+  static int64_t count_total_steps(
+      const TrainConfig& config,
+      int64_t steps_per_epoch) {
+    int64_t total = config.max_steps;
+    if (config.epochs > 0) {
+      if (config.epochs >
+          std::numeric_limits<int64_t>::max() / steps_per_epoch) {
+        throw std::invalid_argument(fmt::format(
+            "--epochs {}: too many ({} steps each would overflow the step "
+            "count)",
+            config.epochs,
+            steps_per_epoch));
+      }
+      const int64_t by_epochs = config.epochs * steps_per_epoch;
+      total = total > 0 ? std::min(total, by_epochs) : by_epochs;
+    }
+    return total == 0 ? kDefaultSteps : total;
+  }
+
   /// Whether to stop before the next step: a signal arrived here or, with
   /// several ranks, at any rank (one small all-reduce a step, so that every
   /// rank stops at the same step boundary and none waits in a collective).
