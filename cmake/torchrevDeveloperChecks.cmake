@@ -18,7 +18,7 @@ function(torchrev_target_warnings target)
       target_compile_options(${target} PRIVATE -Werror)
       # GCC's flow analysis of sanitizer-instrumented code reports
       # maybe-uninitialized inside libstdc++ (<regex>, 24 times in the 1.13
-      # build); those stay warnings, every other warning is an error.
+      # build), so in such builds that one warning is not an error.
       if(TORCHREV_SANITIZE AND CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
         target_compile_options(${target} PRIVATE
           -Wno-error=maybe-uninitialized)

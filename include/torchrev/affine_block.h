@@ -112,8 +112,9 @@ class AffineBlockBase : public CouplingBlockBase {
 
 /// An affine coupling block whose F and G are modules of types `F` and `G`
 /// (module holders such as `torch::nn::Sequential`), each returning the raw
-/// scale and the shift joined along the split dimension; see
-/// `AffineBlockBase`.
+/// scale and the shift joined along the split dimension, held in its public
+/// members `f` and `g` and registered as submodules "f" and "g"; `clone()`
+/// copies them deeply. See `AffineBlockBase`.
 template <class F, class G>
 class AffineBlockImpl
     : public detail::

@@ -137,7 +137,7 @@ inline std::string describe(const CouplingBlockBase& block) {
 inline int64_t resolved_split_dim(
     const CouplingBlockBase& block,
     const torch::Tensor& x) {
-  return resolve_dim(block.configured_split_dim(), x, "torchrev", "split_dim");
+  return resolve_dim(block.configured_split_dim(), x, "split_dim", "torchrev");
 }
 
 /// Checks that `x` can be split into two equal halves along the block's
@@ -159,7 +159,7 @@ inline void check_splittable(
       "-d tensor of shape ",
       x.sizes());
   const int64_t dim =
-      resolve_dim(block.configured_split_dim(), x, where, "split_dim");
+      resolve_dim(block.configured_split_dim(), x, "split_dim", where);
   TORCH_CHECK(
       x.size(dim) % 2 == 0,
       where,

@@ -14,7 +14,6 @@
 #include <cstdint>
 #include <memory>
 #include <ostream>
-#include <string>
 
 namespace torchrev {
 
@@ -164,10 +163,7 @@ class ChannelZeroPadImpl : public InvertibleModule {
         method,
         ": expected a defined tensor");
     return detail::resolve_dim(
-        options.dim(),
-        t,
-        std::string("torchrev::ChannelZeroPad") + method,
-        "dim");
+        options.dim(), t, "dim", "torchrev::ChannelZeroPad", method);
   }
 };
 

@@ -104,7 +104,9 @@ class RevBlockBase : public CouplingBlockBase {
 
 /// A reversible block whose F and G are modules of types `F` and `G` (module
 /// holders such as `torch::nn::Sequential`, each with a
-/// `forward(const torch::Tensor&)`). See `RevBlockBase` for the computation.
+/// `forward(const torch::Tensor&)`), held in its public members `f` and `g`
+/// and registered as submodules "f" and "g"; `clone()` copies them deeply.
+/// See `RevBlockBase` for the computation.
 template <class F, class G>
 class RevBlockImpl
     : public detail::ModulePairImpl<RevBlockImpl<F, G>, RevBlockBase, F, G> {

@@ -25,8 +25,10 @@ namespace cifar {
 /// Every wait ends within the group's timeout with a one-line
 /// std::runtime_error that says what was being done, instead of hanging on a
 /// peer that exited, stalled or diverged. After a collective has failed the
-/// communicator is unusable: every later call throws, naming the failure.
-/// Collectives must be called by every rank in the same order.
+/// communicator is unusable: every later collective (broadcast,
+/// all_reduce_sum, gather_strings, and check_usable before a backward)
+/// throws, naming the failure. Collectives must be called by every rank in
+/// the same order.
 class Communicator {
  public:
   Communicator(

@@ -63,6 +63,25 @@ class DataParallel {
     buffers_ = unique_buffers(model);
   }
 
+  DataParallel(const DataParallel&) = delete;
+  DataParallel& operator=(const DataParallel&) = delete;
+  DataParallel& operator=(DataParallel&&) = delete;
+
+  /// Moves the connection, the gradient hooks and the buffers; every call
+  /// on `other` afterwards does nothing.
+  DataParallel(DataParallel&& other) noexcept
+      : rank_(other.rank_),
+        world_size_(other.world_size_),
+        comm_(std::move(other.comm_)),
+        reducer_(std::move(other.reducer_)),
+        buffers_(std::move(other.buffers_)) {
+    other.comm_.reset();
+    other.reducer_.reset();
+    other.buffers_.clear();
+  }
+
+  ~DataParallel() = default;
+
   /// One backward of `loss` whose gradients arrive averaged over the ranks:
   /// `prepare_backward()`, `loss.backward()`, `finish_backward()`. Call the
   /// two halves around a backward of your own instead (several losses,
@@ -121,11 +140,14 @@ class DataParallel {
   }
 
  private:
-  /// The model's buffers, each once, without those that alias a parameter.
+  /// The model's buffers, each once, without those that alias a trainable
+  /// parameter (the gradient reducer already keeps those equal).
   static std::vector<torch::Tensor> unique_buffers(torch::nn::Module& model) {
     std::unordered_set<const void*> seen;
     for (const auto& p : model.parameters(/*recurse=*/true)) {
-      seen.insert(p.unsafeGetTensorImpl());
+      if (p.requires_grad()) {
+        seen.insert(p.unsafeGetTensorImpl());
+      }
     }
     std::vector<torch::Tensor> buffers;
     for (const auto& b : model.buffers(/*recurse=*/true)) {

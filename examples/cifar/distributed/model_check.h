@@ -34,7 +34,8 @@ inline std::vector<torch::Tensor> model_state(torch::nn::Module& model) {
 }
 
 /// Fails on every rank alike when the ranks' models differ in structure
-/// (the number, order, dtypes and shapes of parameters and buffers),
+/// (the number, order, dtypes and shapes of parameters and buffers, and
+/// which of them require grad),
 /// before a mismatched broadcast could hang or corrupt them: rank 0's
 /// description is broadcast, each rank compares it with its own, and a sum
 /// of the verdicts tells every rank.
@@ -67,7 +68,8 @@ inline void check_same_model(Communicator& comm, torch::nn::Module& model) {
         comm.where() +
         (differs ? "this rank's model differs from rank 0's"
                  : "another rank's model differs from rank 0's") +
-        " (parameter/buffer count, order, shapes or dtypes); every rank "
+        " (parameter/buffer count, order, shapes, dtypes or which require "
+        "grad); every rank "
         "must build the same model");
   }
 }

@@ -4,22 +4,23 @@
 #include <torch/types.h>
 
 #include <cstdint>
-#include <string>
 
 namespace torchrev {
 namespace detail {
 
 /// `dim` as an index into the dimensions of `t`, negative values counting
-/// from the end; throws "<context>: <name> <dim> is out of range for an
-/// input with <n> dimensions (shape [...])" otherwise.
-inline int64_t resolve_dim(
+/// from the end; throws "<context...>: <name> <dim> is out of range for an
+/// input with <n> dimensions (shape [...])" otherwise. The context's pieces
+/// are joined only when the check fails.
+template <class... Context>
+int64_t resolve_dim(
     int64_t dim,
     const torch::Tensor& t,
-    const std::string& context,
-    const char* name) {
+    const char* name,
+    const Context&... context) {
   TORCH_CHECK(
       dim >= -t.dim() && dim < t.dim(),
-      context,
+      context...,
       ": ",
       name,
       " ",
