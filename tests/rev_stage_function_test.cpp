@@ -360,6 +360,94 @@ TEST(
   }
 }
 
+namespace {
+
+/// Linear(n, n) that keeps a handle to every output it returns, with a copy
+/// of its values: memory the module can still reach.
+struct KeepOutputsImpl : torch::nn::Cloneable<KeepOutputsImpl> {
+  explicit KeepOutputsImpl(int64_t n_) : n(n_) {
+    reset();
+  }
+  void reset() override {
+    linear = register_module("linear", torch::nn::Linear(n, n));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto out = linear(x);
+    kept.push_back(out);
+    copies.push_back(out.detach().clone());
+    return out;
+  }
+  int64_t n;
+  torch::nn::Linear linear{nullptr};
+  std::vector<torch::Tensor> kept, copies;
+};
+TORCH_MODULE(KeepOutputs);
+
+} // namespace
+
+// The backward writes x2 = y2 - G(y1) into the memory of the recomputed
+// G(y1) (and x1 likewise into F(x2)'s) only when nothing else refers to it.
+// A last layer that saves its output for its own backward (Tanh, an in-place
+// ReLU) or a module that keeps its output must see the values it computed.
+TEST(
+    RevStageFunction,
+    ReconstructionIntoRecomputedOutputsMatchesPlainAutograd) {
+  auto linear = [] { return torch::nn::Sequential(torch::nn::Linear(3, 3)); };
+  auto tanh = [] {
+    return torch::nn::Sequential(torch::nn::Linear(3, 3), torch::nn::Tanh());
+  };
+  auto relu_ = [] {
+    return torch::nn::Sequential(
+        torch::nn::Linear(3, 3),
+        torch::nn::ReLU(torch::nn::ReLUOptions().inplace(true)));
+  };
+  auto keep = [] { return torch::nn::Sequential(KeepOutputs(3)); };
+  struct Case {
+    const char* name;
+    std::function<torch::nn::Sequential()> make;
+  };
+  for (const Case& c :
+       {Case{"written into", linear},
+        Case{"Tanh saves its output", tanh},
+        Case{"in-place ReLU saves its output", relu_},
+        Case{"the module keeps its output", keep}}) {
+    for (int depth : {1, 3}) {
+      SCOPED_TRACE(std::string(c.name) + ", depth " + std::to_string(depth));
+      torch::manual_seed(12);
+      torchrev::RevSequential stage;
+      for (int i = 0; i < depth; ++i) {
+        stage->push_back(SeqBlock(c.make(), c.make()));
+      }
+      stage->to(torch::kFloat64);
+      auto reference = copy_of(stage);
+      auto input = torch::randn({4, 6}, torch::kFloat64);
+      auto x = input.clone().requires_grad_(true);
+      auto ref_x = input.clone().requires_grad_(true);
+      for (int pass = 0; pass < 2; ++pass) {
+        stage(x).pow(2).sum().backward();
+        run_stage(reference, ref_x, StageMode::kStored).pow(2).sum().backward();
+      }
+      EXPECT_CLOSE(x.grad(), ref_x.grad(), kTol);
+      auto params = stage->parameters();
+      auto ref_params = reference->parameters();
+      ASSERT_EQ(params.size(), ref_params.size());
+      for (size_t k = 0; k < params.size(); ++k) {
+        SCOPED_TRACE("parameter " + std::to_string(k));
+        EXPECT_CLOSE(params[k].grad(), ref_params[k].grad(), kTol);
+      }
+      for (const auto& module : stage->modules()) {
+        if (auto* keeper = module->as<KeepOutputsImpl>()) {
+          ASSERT_FALSE(keeper->kept.empty());
+          for (size_t k = 0; k < keeper->kept.size(); ++k) {
+            EXPECT_TRUE(keeper->kept[k].detach().equal(keeper->copies[k]))
+                << "output " << k << " was written to";
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(RevStageFunction, BackwardTwiceWithoutRetainGraphIsAnError) {
   auto stage = mlp_stage(2, 4);
   auto x = torch::randn({3, 8}, torch::requires_grad());

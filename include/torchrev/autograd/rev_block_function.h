@@ -41,11 +41,14 @@
 //            parameter gradients.
 //
 //            The backward's peak is this node's live set, so it is kept
-//            small: each half of x is computed after the backward through
-//            G (or F), not during it; dx is accumulated into dy when this
-//            node holds the only reference to it (LibTorch 2.x hands
-//            gradients over) and no gradient the recompute returned shares
-//            its memory; and every tensor is released once it is used.
+//            small: each half of x is written into the memory of G(y1) (or
+//            F(x2)) once that is computed, when nothing else refers to it
+//            (the backward through G does not read its own output), so
+//            that y2 (or y1) is released before that backward runs; dx is
+//            accumulated into dy when this node holds the only reference to
+//            it besides autograd's own and no gradient the recompute
+//            returned shares its memory; and every tensor is released once
+//            it is used.
 //
 // Each block's parameters are inputs of its node, and their gradients are
 // computed with `torch::autograd::grad` (never accumulated into `.grad` as a
@@ -383,7 +386,7 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     auto take_gradients = [&] {
       if (i + 1 == state->blocks.size()) {
         torch::Tensor g = std::move(grad_outputs[0]);
-        owns_dy_first = owns_dy_second = sole_reference(g);
+        owns_dy_first = owns_dy_second = owned_gradient(g);
         dy = split_views(owns_dy_first ? g : g.detach(), dim);
         if (owns_dy_first) {
           dy_whole = std::move(g);
@@ -392,8 +395,8 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       }
       torch::Tensor g1 = std::move(grad_outputs[0]);
       torch::Tensor g2 = std::move(grad_outputs[1]);
-      owns_dy_first = sole_reference(g1);
-      owns_dy_second = sole_reference(g2);
+      owns_dy_first = owned_gradient(g1);
+      owns_dy_second = owned_gradient(g2);
       dy = Halves{
           owns_dy_first ? std::move(g1) : g1.detach(),
           owns_dy_second ? std::move(g2) : g2.detach(),
@@ -452,11 +455,17 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       torch::Tensor dx2_coupling;
       torch::autograd::variable_list g_grads;
       if (detail::is_additive(block)) {
-        // G's backward first, then the reconstruction: x2 is not needed
-        // before F, and allocating it after G's backward keeps it out of
-        // that backward's peak.
+        // x2 = y2 - G(y1) goes into G(y1)'s own memory when it can, and y2
+        // is released before G's backward; otherwise x2 is allocated after
+        // that backward, to keep it out of the backward's peak.
+        x.second = subtract_into(y.second, g_out);
+        if (x.second.defined()) {
+          y.second = torch::Tensor();
+        }
         g_grads = differentiate(g_out, {y1_leaf}, params, dy.second);
-        x.second = y.second - g_out.detach();
+        if (!x.second.defined()) {
+          x.second = y.second - g_out.detach();
+        }
       } else {
         // Any other coupling: reconstruct x2 with uncouple, then
         // differentiate y2 = couple(x2, G(y1)) with respect to y1, x2 and
@@ -488,9 +497,16 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       torch::Tensor f_out =
           recompute_half(Half::kF, block, x2_leaf, *state, i, params, where);
       if (detail::is_additive(block)) {
+        // x1 = y1 - F(x2), into F(x2)'s memory when it can (as for x2).
+        x.first = subtract_into(y.first, f_out);
+        if (x.first.defined()) {
+          y.first = torch::Tensor();
+        }
         auto f_grads = differentiate(f_out, {x2_leaf}, params, dx.first);
         x2_leaf = torch::Tensor();
-        x.first = y.first - f_out.detach();
+        if (!x.first.defined()) {
+          x.first = y.first - f_out.detach();
+        }
         y.first = torch::Tensor();
         f_out = torch::Tensor();
         const bool write_dy2 = owns_dy_second &&
@@ -741,15 +757,52 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     return split_checked(block, torch::cat({h.first, h.second}, h.dim), where);
   }
 
-  /// True when `t` is the only reference to its memory, which can then be
-  /// written to: the rule by which autograd's own input buffers decide to
-  /// accumulate gradients in place. A tensor with overlapping elements (an
-  /// expanded gradient, e.g. of a sum) never qualifies.
-  static bool sole_reference(const torch::Tensor& t) {
+  /// True when nothing refers to `t`'s memory but `t` itself and at most
+  /// `handles` handles to it in all (this one included): no view, no other
+  /// tensor, no saved variable of a graph (which holds a handle, or for an
+  /// output its own tensor on the same memory). Such a tensor can be
+  /// written to unseen: the rule by which autograd's own input buffers
+  /// decide to accumulate gradients in place. A tensor with overlapping
+  /// elements (an expanded gradient, e.g. of a sum) never qualifies.
+  static bool only_reference(const torch::Tensor& t, size_t handles) {
     return t.defined() && t.has_storage() && t.layout() == torch::kStrided &&
-        !t.is_nested() && !t._is_zerotensor() && t.use_count() == 1 &&
-        t.storage().use_count() == 1 && t.is_non_overlapping_and_dense() &&
-        !t.requires_grad();
+        !t.is_nested() && !t._is_zerotensor() && t.use_count() <= handles &&
+        t.storage().use_count() == 1 && t.is_non_overlapping_and_dense();
+  }
+
+  /// True when this node may write into `g`, a gradient it moved out of
+  /// `grad_outputs`. LibTorch 2.x moves the gradients into that vector;
+  /// LibTorch 1.x's `CppNode::apply` passes copies of the handles in its own
+  /// `inputs`, which the engine drops after this backward returns, and with
+  /// a post hook on the node one more (then the gradient is not written).
+  static bool owned_gradient(const torch::Tensor& g) {
+#if TORCH_VERSION_MAJOR < 2
+    constexpr size_t kAutogradHandles = 1;
+#else
+    constexpr size_t kAutogradHandles = 0;
+#endif
+    return !g.requires_grad() && only_reference(g, 1 + kAutogradHandles);
+  }
+
+  /// Computes `y - out` into `out`'s memory and returns it (detached), when
+  /// that memory is `out`'s alone (`only_reference`) and the difference has
+  /// `out`'s size and dtype; else returns an undefined tensor and changes
+  /// nothing. `out` is a recompute's output: its graph keeps no handle to
+  /// it unless a node saved it, so the backward still runs from `out` and
+  /// never reads what was written. The result is the same, bit for bit, as
+  /// `y - out` into new memory.
+  static torch::Tensor subtract_into(
+      const torch::Tensor& y,
+      const torch::Tensor& out) {
+    if (!only_reference(out, 1) || out.sizes() != y.sizes() ||
+        out.device() != y.device() ||
+        at::result_type(y, out) != out.scalar_type()) {
+      return torch::Tensor();
+    }
+    torch::NoGradGuard no_grad;
+    torch::Tensor x = out.detach();
+    at::sub_out(x, y, x);
+    return x;
   }
 
   /// True when a defined tensor of `list`, from index `from` on, shares
@@ -769,7 +822,7 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
 
   /// `dy + d`, where `d` is the gradient a recompute produced (undefined when
   /// the input did not affect the output). The sum goes into `dy` when it may
-  /// be written (`write_dy`: the node owns it, as `sole_reference` found,
+  /// be written (`write_dy`: the node owns it, as `owned_gradient` found,
   /// and no gradient shares its memory), else into a new tensor.
   /// (Summing into `d` instead, when nothing else refers to it, saves an
   /// allocation but measured no lower peak, so it is not done.)
