@@ -134,14 +134,15 @@ TEST(RevSequentialMemory, EachAnchorKeepsOneActivation) {
   EXPECT_LE(extra, 8.0);
 }
 
-// What one block's backward keeps alive, counted in halves h of the
-// activation: the output gradient dy (2h, handed over by autograd, so dx is
-// summed into it), x2 (1h, written into G(y1)'s memory), x1 (1h, written
-// into F(x2)'s memory, so y1 is released before F's backward) and F's input
-// gradient (1h): 5h. Allocating x1 and x2 anew, or summing dx into new
-// memory, would add a half each (7h before either was done on LibTorch 1.13,
-// 6h on 2.x).
-TEST(RevSequentialMemory, ABlocksBackwardKeepsFiveHalvesAlive) {
+// What one block's backward keeps alive on top of the stage output (2h,
+// counted before it), in halves h of the activation: the output gradient dy
+// (2h, handed over by autograd, so dx is summed into it), x2 (1h, written
+// into G(y1)'s memory) and G's input gradient (1h): 4h. The stage output is
+// released once x1 is written into F(x2)'s memory, before F's backward.
+// Keeping the stage output through F's backward would add a half; allocating
+// x1 and x2 anew, or summing dx into new memory, a half each (5.25h before
+// any of this, on LibTorch 1.13).
+TEST(RevSequentialMemory, ABlocksBackwardKeepsFourHalvesAlive) {
   torch::manual_seed(41);
   const int64_t batch = 1024, half = 128;
   torchrev::RevSequential stage;
@@ -154,7 +155,7 @@ TEST(RevSequentialMemory, ABlocksBackwardKeepsFiveHalvesAlive) {
   auto loss = [&] { return (stage(x) * weights).sum(); };
   loss().backward(); // warm-up: allocates the .grad tensors
   auto& meter = torchrev::CPUMemoryMeter::instance();
-  auto l = loss(); // the stage output is saved: counted before the backward
+  auto l = loss(); // the stage output is kept: counted before the backward
   const size_t before = meter.current_bytes();
   meter.reset_peak();
   l.backward();
@@ -162,8 +163,8 @@ TEST(RevSequentialMemory, ABlocksBackwardKeepsFiveHalvesAlive) {
   const double halves = double(meter.peak_bytes() - before) / h;
   std::cout << "[ memory   ] one block's backward: " << halves << " halves"
             << std::endl;
-  EXPECT_GE(halves, 5.0);
-  EXPECT_LE(halves, 5.5);
+  EXPECT_GE(halves, 4.0);
+  EXPECT_LE(halves, 4.5);
 }
 
 TEST(RevSequentialMemory, NothingStaysAllocatedAfterATrainingStep) {

@@ -489,7 +489,37 @@ TEST(RevStageFunction, InPlaceChangeOfTheOutputIsDetected) {
   auto y = stage(x);
   auto loss = y.sum();
   y.mul_(2); // backward would reconstruct inputs from the modified output
-  EXPECT_THROW(loss.backward(), c10::Error);
+  EXPECT_ERROR_CONTAINS(
+      loss.backward(),
+      "modified by an inplace operation",
+      "block 1",
+      "the stage output",
+      "is at version 1; expected version 0");
+}
+
+// The stage keeps its output for the backward and releases it there: an
+// output the caller still holds is neither freed nor written to, and a
+// backward that retains the graph keeps it for the next one.
+TEST(RevStageFunction, AStageOutputTheCallerHoldsIsUnchangedByTheBackward) {
+  torch::manual_seed(13);
+  auto stage = conv_stage(2, 2);
+  stage->to(torch::kFloat64);
+  auto reference = copy_of(stage);
+  auto input = torch::randn({2, 4, 5, 5}, torch::kFloat64);
+  auto x = input.clone().requires_grad_(true);
+  auto y = stage(x);
+  const auto y_before = y.detach().clone();
+  auto loss = y.pow(2).sum();
+  loss.backward({}, /*retain_graph=*/true);
+  EXPECT_TRUE(y.detach().equal(y_before));
+  loss.backward();
+  EXPECT_TRUE(y.detach().equal(y_before));
+  EXPECT_ERROR_CONTAINS(
+      loss.backward(), "backward through the graph a second time");
+
+  auto ref_x = input.clone().requires_grad_(true);
+  run_stage(reference, ref_x, StageMode::kStored).pow(2).sum().backward();
+  EXPECT_CLOSE(x.grad(), 2 * ref_x.grad(), kTol);
 }
 
 TEST(RevStageFunction, OnlyParametersTrainWhenTheInputNeedsNoGrad) {

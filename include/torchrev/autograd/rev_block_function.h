@@ -8,18 +8,19 @@
 // block i-1's output and returns block i's output.
 //
 //   forward  (grad mode off): y_0 = x, y_i = block_i(y_{i-1}). No node saves
-//            its input, and only the last node saves its output (the stage
-//            output y_n), so nothing but that and small per-block RNG
-//            snapshots outlives the forward. Between blocks the activation
-//            stays in two dense halves. (With `anchor_every` = k, every k-th
-//            node also saves its output, so that the backward's
+//            its input, and only the last node keeps its output (the stage
+//            output y_n, in the stage's shared state, so that its backward
+//            can release it as soon as it is used), so nothing but that and
+//            small per-block RNG snapshots outlives the forward. Between blocks
+//            the activation stays in two dense halves. (With `anchor_every` =
+//            k, every k-th node also saves its output, so that the backward's
 //            reconstruction restarts there: rounding errors then compound
 //            over at most k blocks.) The stage input is never saved, freed
 //            or written to: the caller may still hold it (a ReLU before the
 //            stage saves it).
 //
 //   backward runs node by node, last block first. Node i gets its output y
-//            (the saved stage output for the last block; otherwise the
+//            (the kept stage output for the last block; otherwise the
 //            reconstruction that node i+1 handed over through the stage's
 //            shared state, which is then dropped) and its gradient dy, both
 //            as halves (y1, y2), (dy1, dy2):
@@ -82,6 +83,7 @@
 
 #include <ATen/core/ivalue.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/types.h>
 
 #include <cmath>
@@ -153,6 +155,53 @@ struct RevStageState : torch::CustomClassHolder {
   /// reconstructions with them. Both empty otherwise: nothing is kept.
   std::vector<torch::Tensor> forward_inputs;
   std::shared_ptr<DriftReport> drift;
+
+  /// The stage output (the last member's), kept by the stage rather than
+  /// saved by the last node, so that the node's backward can release it as
+  /// soon as it has reconstructed the last member's input (a saved variable
+  /// would stay alive until the node returns); with its version when kept,
+  /// to detect an in-place change. Undefined once a backward without
+  /// retain_graph has used it.
+  torch::Tensor output;
+  uint32_t output_version = 0;
+
+  /// Keeps `y`, the stage output, for the backward.
+  void keep_output(const torch::Tensor& y) {
+    output = y.detach(); // shares y's memory and version counter
+    output_version = y._version();
+  }
+
+  /// The kept stage output, for the last member's backward named `where`.
+  /// Released here unless the backward retains the graph (the caller may
+  /// still hold the output; then its memory stays): the same errors as a
+  /// saved variable for a second backward and for an in-place change.
+  torch::Tensor take_output(const std::string& where) {
+    TORCH_CHECK(
+        output.defined(),
+        "Trying to backward through the graph a second time (or directly "
+        "access saved tensors after they have already been freed). Saved "
+        "intermediate values of the graph are freed when you call "
+        ".backward() or autograd.grad(). Specify retain_graph=True if you "
+        "need to backward through the graph a second time (",
+        where,
+        ": the stage output)");
+    TORCH_CHECK(
+        output._version() == output_version,
+        "one of the variables needed for gradient computation has been "
+        "modified by an inplace operation: ",
+        where,
+        ": the stage output, which the backward reconstructs the stage from, "
+        "is at version ",
+        output._version(),
+        "; expected version ",
+        output_version,
+        " instead. Clone it before changing it in place.");
+    torch::Tensor y = output;
+    if (!torch::autograd::get_current_graph_task_keep_graph()) {
+      output = torch::Tensor();
+    }
+    return y;
+  }
 
   // Filled by the backward.
 
@@ -310,7 +359,9 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
         // the caller's tensor: the output gets its own.
         y = y.clone();
       }
-      if (state->keeps_output(i)) {
+      if (i + 1 == state->blocks.size()) {
+        state->keep_output(y);
+      } else if (state->keeps_output(i)) {
         ctx->save_for_backward({y});
       }
       return {std::move(y)};
@@ -344,12 +395,12 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       }
       return {std::move(y1), std::move(y2)};
     }
-    // Saving the stage output (no input of any block) is what makes memory
-    // independent of depth. The saved-variable machinery also turns a second
-    // backward without retain_graph, or an in-place change of the output,
-    // into errors.
+    // Keeping the stage output (no input of any block) is what makes memory
+    // independent of depth. `take_output` turns a second backward without
+    // retain_graph, or an in-place change of the output, into errors, as a
+    // saved variable would.
     torch::Tensor y = torch::cat({y1, y2}, state->split_dims[i]);
-    ctx->save_for_backward({y});
+    state->keep_output(y);
     return {y};
   }
 
@@ -373,10 +424,9 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     const std::string& where = state->names[i];
     const int64_t dim = state->split_dims[i];
 
-    // The block's output and its gradient, as halves. For the last block the
-    // saved output (throws "Trying to backward through the graph a second
-    // time" once a backward without retain_graph has freed it); its halves
-    // are views, as it stays alive until this node is done anyway.
+    // The block's output and its gradient, as halves: for the last block
+    // the kept stage output, for an anchor its saved output, otherwise what
+    // node i+1 reconstructed.
     Halves y, dy;
     // Whether this node holds the only reference to the memory of each
     // gradient half: then dx is accumulated into it (see add_gradients).
@@ -403,8 +453,9 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
           dim};
     };
     if (i + 1 == state->blocks.size()) {
-      auto saved = ctx->get_saved_variables();
-      y = split_views(saved[0].detach(), dim);
+      // Views of the stage output: its memory is released with the second
+      // of them (y1, once x1 is reconstructed), unless the caller holds it.
+      y = split_views(state->take_output(where), dim);
       take_gradients();
     } else if (state->keeps_output(i)) {
       auto saved = ctx->get_saved_variables();
@@ -648,7 +699,9 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     InvertibleModule& member = *state.blocks[i];
     const std::string& where = state.names[i];
     torch::Tensor y;
-    if (state.keeps_output(i)) {
+    if (i + 1 == state.blocks.size()) {
+      y = state.take_output(where);
+    } else if (state.keeps_output(i)) {
       // Throws "Trying to backward through the graph a second time" once a
       // backward without retain_graph has freed it.
       y = ctx->get_saved_variables()[0].detach();
