@@ -165,7 +165,10 @@ struct RevStageState : torch::CustomClassHolder {
   torch::Tensor output;
   uint32_t output_version = 0;
 
-  /// Keeps `y`, the stage output, for the backward.
+  /// Keeps `y`, the stage output, for the backward: a detached alias, which
+  /// holds no reference to the graph (an output kept with its history would
+  /// form a cycle through the node that keeps it, the leak other projects
+  /// hit).
   void keep_output(const torch::Tensor& y) {
     output = y.detach(); // shares y's memory and version counter
     output_version = y._version();
