@@ -139,9 +139,9 @@ TEST(RevSequentialMemory, EachAnchorKeepsOneActivation) {
 // (2h, handed over by autograd, so dx is summed into it), x2 (1h, written
 // into G(y1)'s memory) and G's input gradient (1h): 4h. The stage output is
 // released once x1 is written into F(x2)'s memory, before F's backward.
-// Keeping the stage output through F's backward would add a half; allocating
-// x1 and x2 anew, or summing dx into new memory, a half each (5.25h before
-// any of this, on LibTorch 1.13).
+// Keeping the stage output through F's backward adds a half (5.25h);
+// allocating x1 and x2 anew, or summing dx into new memory, more (7.25h
+// before any of this, on LibTorch 1.13).
 TEST(RevSequentialMemory, ABlocksBackwardKeepsFourHalvesAlive) {
   torch::manual_seed(41);
   const int64_t batch = 1024, half = 128;
