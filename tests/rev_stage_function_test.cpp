@@ -19,6 +19,29 @@ void expect_steps_match(const Step& rev, const Step& plain, double tol) {
   }
 }
 
+/// Two accumulating backward passes of a squared loss through `stage` and
+/// through a deep copy run with plain autograd, from the same `input`: the
+/// input's and every parameter's `.grad` must match.
+void expect_two_passes_match_plain_autograd(
+    torchrev::RevSequential& stage,
+    const torch::Tensor& input) {
+  auto reference = copy_of(stage);
+  auto x = input.clone().requires_grad_(true);
+  auto ref_x = input.clone().requires_grad_(true);
+  for (int pass = 0; pass < 2; ++pass) {
+    stage(x).pow(2).sum().backward();
+    run_stage(reference, ref_x, StageMode::kStored).pow(2).sum().backward();
+  }
+  EXPECT_CLOSE(x.grad(), ref_x.grad(), kTol);
+  auto params = stage->parameters();
+  auto ref_params = reference->parameters();
+  ASSERT_EQ(params.size(), ref_params.size());
+  for (size_t k = 0; k < params.size(); ++k) {
+    SCOPED_TRACE("parameter " + std::to_string(k));
+    EXPECT_CLOSE(params[k].grad(), ref_params[k].grad(), kTol);
+  }
+}
+
 } // namespace
 
 TEST(RevStageFunction, ForwardAndAllGradientsMatchPlainAutogradFloat64) {
@@ -340,22 +363,8 @@ TEST(
             SeqBlock(g_adds ? linear() : add(), g_adds ? add() : linear()));
       }
       stage->to(torch::kFloat64);
-      auto reference = copy_of(stage);
-      auto input = torch::randn({1, 6}, torch::kFloat64);
-      auto x = input.clone().requires_grad_(true);
-      auto ref_x = input.clone().requires_grad_(true);
-      for (int pass = 0; pass < 2; ++pass) {
-        stage(x).pow(2).sum().backward();
-        run_stage(reference, ref_x, StageMode::kStored).pow(2).sum().backward();
-      }
-      EXPECT_CLOSE(x.grad(), ref_x.grad(), kTol);
-      auto params = stage->parameters();
-      auto ref_params = reference->parameters();
-      ASSERT_EQ(params.size(), ref_params.size());
-      for (size_t k = 0; k < params.size(); ++k) {
-        SCOPED_TRACE("parameter " + std::to_string(k));
-        EXPECT_CLOSE(params[k].grad(), ref_params[k].grad(), kTol);
-      }
+      expect_two_passes_match_plain_autograd(
+          stage, torch::randn({1, 6}, torch::kFloat64));
     }
   }
 }
@@ -419,22 +428,8 @@ TEST(
         stage->push_back(SeqBlock(c.make(), c.make()));
       }
       stage->to(torch::kFloat64);
-      auto reference = copy_of(stage);
-      auto input = torch::randn({4, 6}, torch::kFloat64);
-      auto x = input.clone().requires_grad_(true);
-      auto ref_x = input.clone().requires_grad_(true);
-      for (int pass = 0; pass < 2; ++pass) {
-        stage(x).pow(2).sum().backward();
-        run_stage(reference, ref_x, StageMode::kStored).pow(2).sum().backward();
-      }
-      EXPECT_CLOSE(x.grad(), ref_x.grad(), kTol);
-      auto params = stage->parameters();
-      auto ref_params = reference->parameters();
-      ASSERT_EQ(params.size(), ref_params.size());
-      for (size_t k = 0; k < params.size(); ++k) {
-        SCOPED_TRACE("parameter " + std::to_string(k));
-        EXPECT_CLOSE(params[k].grad(), ref_params[k].grad(), kTol);
-      }
+      expect_two_passes_match_plain_autograd(
+          stage, torch::randn({4, 6}, torch::kFloat64));
       for (const auto& module : stage->modules()) {
         if (auto* keeper = module->as<KeepOutputsImpl>()) {
           ASSERT_FALSE(keeper->kept.empty());
