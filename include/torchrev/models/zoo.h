@@ -20,7 +20,7 @@
 // revnet_mini is a width- and depth-reduced RevNet for quick runs (the
 // training example's default on Fashion-MNIST). Each RevNet also comes fully
 // reversible, as `<name>_inv` (`RevNetInv`: space-to-depth instead of the
-// stored transition blocks, the same widths and units).
+// transition blocks, the same widths and units).
 
 #include <torchrev/models/nets.h>
 #include <torchrev/models/transformer.h>
@@ -42,8 +42,10 @@ struct ZooOptions {
   TORCH_ARG(int64_t, num_classes) = 10;
   /// For RevNets: how the reversible stages run.
   TORCH_ARG(StageMode, mode) = StageMode::kReversible;
-  /// For RevNets: checkpoint the transition blocks too.
-  TORCH_ARG(bool, checkpoint_transitions) = false;
+  /// For RevNets: checkpoint the transition blocks (the default; see
+  /// `RevNetOptions::checkpoint_transitions`). `false` stores their
+  /// activations, as in the RevNet paper.
+  TORCH_ARG(bool, checkpoint_transitions) = true;
   /// For transformers: the height and width of the images (28 for
   /// Fashion-MNIST, 32 for CIFAR); the other models take any size.
   TORCH_ARG(int64_t, image_size) = 32;
@@ -54,7 +56,7 @@ struct ZooOptions {
 /// The kinds of model in the zoo.
 enum class ZooFamily {
   kResNet,
-  /// RevNet: reversible stages opened by stored transition blocks.
+  /// RevNet: reversible stages opened by transition blocks.
   kRevNet,
   /// Fully reversible RevNet (`RevNetInv`).
   kRevNetInv,
