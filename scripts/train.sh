@@ -4,4 +4,16 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cmake --build "$TORCHREV_BUILD" -j"$jobs" --target cifar_train
-exec "$TORCHREV_BUILD/examples/cifar/cifar_train" "$@"
+train=$TORCHREV_BUILD/examples/cifar/cifar_train
+# Debian's OpenBLAS runs its slowest kernels on CPUs it does not know (see
+# openblas_coretype.sh); a core type the user names is left alone.
+if [[ -z ${OPENBLAS_CORETYPE+set} ]]; then
+  coretype=$(bash "$TORCHREV_ROOT/scripts/openblas_coretype.sh" "$train")
+  if [[ -n $coretype ]]; then
+    echo "train.sh: OpenBLAS does not know this CPU and would use its slowest" \
+      "kernels; running with OPENBLAS_CORETYPE=$coretype (set" \
+      "OPENBLAS_CORETYPE to choose yourself)" >&2
+    export OPENBLAS_CORETYPE=$coretype
+  fi
+fi
+exec "$train" "$@"

@@ -244,7 +244,8 @@ TEST(CifarTrainCli, TransformersTrainOn32And28PixelImagesWithAdamW) {
       EXPECT_NE(result.output.find("model " + model + " ("), std::string::npos)
           << result.output;
       EXPECT_NE(
-          result.output.find("AdamW with peak lr 0.002"), std::string::npos)
+          result.output.find("AdamW with peak lr 0.002, 1 intra-op thread\n"),
+          std::string::npos)
           << result.output;
       EXPECT_FALSE(value_of(result.output, "test_accuracy").empty())
           << result.output;

@@ -7,6 +7,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <filesystem>
 
 namespace fs = std::filesystem;
@@ -136,4 +137,29 @@ TEST(Training, CheckpointRoundTripAndExactResume) {
   EXPECT_THAT(
       [&] { cifar::Trainer{second}; },
       ThrowsMessage<std::runtime_error>(HasSubstr("cannot read checkpoint")));
+}
+
+TEST(Training, DefaultThreadsUseEveryCpuWhereLibTorchFindsOneCore) {
+  // LibTorch 1.13 finds a single core on some virtual machines (one thread
+  // where 2.13 uses two); `--threads 0` must not train on one of several
+  // CPUs, unless the environment asks for it.
+  if (std::getenv("OMP_NUM_THREADS") || std::getenv("MKL_NUM_THREADS")) {
+    GTEST_SKIP() << "OMP_NUM_THREADS or MKL_NUM_THREADS is set";
+  }
+  // The thread count is process-wide: the tests after this one get it back.
+  struct RestoreThreads {
+    int threads = torch::get_num_threads();
+    ~RestoreThreads() {
+      torch::set_num_threads(threads);
+    }
+  } restore;
+  torch::set_num_threads(1); // what LibTorch 1.13 chooses there
+  EXPECT_EQ(cifar::default_threads(), cifar::available_cpus());
+  torch::set_num_threads(3); // a working detection is left alone
+  EXPECT_EQ(cifar::default_threads(), 3);
+  auto config = small_run();
+  config.max_steps = 1;
+  torch::set_num_threads(1);
+  cifar::Trainer trainer(config);
+  EXPECT_EQ(torch::get_num_threads(), cifar::available_cpus());
 }

@@ -107,7 +107,7 @@ struct TrainConfig {
   Schedule schedule = Schedule::kOneCycle;
   double momentum = 0.9;
   double weight_decay = 5e-4;
-  int threads = 0; // 0: LibTorch's default
+  int threads = 0; // 0: `default_threads()` (trainer.h)
   uint64_t seed = 0;
   torch::DeviceType device = torch::kCPU; // kCPU or kCUDA
   int64_t eval_every = 0; // 0: evaluate at the end only

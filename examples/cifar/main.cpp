@@ -148,7 +148,8 @@ int main(int argc, char** argv) {
   app.add_option(
          "--threads",
          config.threads,
-         "intra-op threads (0: LibTorch's default)")
+         "intra-op threads (0: LibTorch's default, one per core, or every "
+         "usable CPU where it finds one core)")
       ->capture_default_str();
   app.add_option(
          "--seed",
@@ -266,7 +267,8 @@ int main(int argc, char** argv) {
       fmt::print(
           stderr,
           "cifar_train: dataset {} ({} train / {} test images{}), model {} "
-          "({} parameters), {} steps of {} images{}, {} with peak lr {}\n",
+          "({} parameters), {} steps of {} images{}, {} with peak lr {}, "
+          "{} intra-op thread{}\n",
           data.name,
           data.train.size(),
           data.test.size(),
@@ -279,7 +281,9 @@ int main(int argc, char** argv) {
                          : "",
           trainer.config().optimizer == cifar::OptimizerKind::kAdamW ? "AdamW"
                                                                      : "SGD",
-          trainer.config().lr);
+          trainer.config().lr,
+          torch::get_num_threads(),
+          torch::get_num_threads() == 1 ? "" : "s");
     }
     if (trainer.is_main_rank() && trainer.resumed_from()) {
       fmt::print(

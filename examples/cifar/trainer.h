@@ -20,18 +20,51 @@
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <limits>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
+#ifdef __linux__
+#include <sched.h>
+#endif
+
 namespace cifar {
+
+/// The CPUs this process may run on (its affinity mask), or
+/// `std::thread::hardware_concurrency()` where that cannot be read.
+inline int available_cpus() {
+#ifdef __linux__
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) {
+    return CPU_COUNT(&set);
+  }
+#endif
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
+
+/// The intra-op threads of `--threads 0`: LibTorch's default, one per
+/// physical core (OMP_NUM_THREADS overrides it, as torchrun sets it). Where
+/// that default is a single thread while this process may use more CPUs,
+/// all of them: LibTorch 1.13's core detection finds one core on some
+/// virtual machines (a 2-core AMD EPYC here, where 2.13 finds two), which
+/// made training there take up to 1.6x as long.
+inline int default_threads() {
+  const int libtorch = torch::get_num_threads();
+  const bool set_by_environment =
+      std::getenv("OMP_NUM_THREADS") || std::getenv("MKL_NUM_THREADS");
+  return libtorch == 1 && !set_by_environment ? available_cpus() : libtorch;
+}
 
 struct TrainResult {
   double test_accuracy = 0.0;
@@ -81,9 +114,8 @@ class Trainer {
     if (config_.lr == 0.0) {
       config_.lr = config_.optimizer == OptimizerKind::kAdamW ? 2e-3 : 0.1;
     }
-    if (config_.threads > 0) {
-      torch::set_num_threads(config_.threads);
-    }
+    torch::set_num_threads(
+        config_.threads > 0 ? config_.threads : default_threads());
     device_ = training_device(config_);
     dataset_ = load_dataset(config_.dataset, config_.data_dir);
     augment_ = config_.augment == Augment::kOn ||
