@@ -124,6 +124,18 @@ TEST(Transformer, ZooNamesImageSizeAndDepth) {
   EXPECT_FALSE(torchrev::models::is_reversible("vit_mini"));
 }
 
+TEST(Transformer, ZooDefaultDepthIsTheMiniModelsOwn) {
+  for (const std::string name : {"vit_mini", "revvit_mini"}) {
+    SCOPED_TRACE(name);
+    auto net = torchrev::models::create(
+        name, torchrev::models::ZooOptions().in_channels(1).image_size(28));
+    EXPECT_EQ(
+        torchrev::models::parameter_count(*net),
+        vit_params(ViTOptions().image_size(28).in_channels(1).depth(
+            torchrev::models::kViTMiniDepth)));
+  }
+}
+
 TEST(Transformer, BadOptionsAreNamed) {
   using torchrev::testing::error_of;
   auto message = error_of([] { torchrev::models::ViT(ViTOptions().dim(30)); });
