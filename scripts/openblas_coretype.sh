@@ -23,7 +23,9 @@ core=$(env -u OPENBLAS_CORETYPE OPENBLAS_VERBOSE=2 "$program" --help 2>&1 \
   >/dev/null | sed -n 's/^Core: *//p' | head -n1) || true
 [[ $core == Prescott ]] || exit 0
 
-flags=" $(grep -m1 '^flags' "$cpuinfo" 2>/dev/null | cut -d: -f2-) "
+# No flags line, or no file: no core type (never a failure that would stop
+# the training run that asked).
+flags=" $(grep -m1 '^flags' "$cpuinfo" 2>/dev/null | cut -d: -f2- || true) "
 has() {
   local flag
   for flag; do

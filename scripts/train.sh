@@ -8,7 +8,8 @@ train=$TORCHREV_BUILD/examples/cifar/cifar_train
 # Debian's OpenBLAS runs its slowest kernels on CPUs it does not know (see
 # openblas_coretype.sh); a core type the user names is left alone.
 if [[ -z ${OPENBLAS_CORETYPE+set} ]]; then
-  coretype=$(bash "$TORCHREV_ROOT/scripts/openblas_coretype.sh" "$train")
+  coretype=$(bash "$TORCHREV_ROOT/scripts/openblas_coretype.sh" "$train") ||
+    coretype=
   if [[ -n $coretype ]]; then
     echo "train.sh: OpenBLAS does not know this CPU and would use its slowest" \
       "kernels; running with OPENBLAS_CORETYPE=$coretype (set" \

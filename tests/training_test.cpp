@@ -146,6 +146,9 @@ TEST(Training, DefaultThreadsUseEveryCpuWhereLibTorchFindsOneCore) {
   if (std::getenv("OMP_NUM_THREADS") || std::getenv("MKL_NUM_THREADS")) {
     GTEST_SKIP() << "OMP_NUM_THREADS or MKL_NUM_THREADS is set";
   }
+  if (!fs::exists(cifar::kFashionMnistDir)) {
+    GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  }
   // The thread count is process-wide: the tests after this one get it back.
   struct RestoreThreads {
     int threads = torch::get_num_threads();

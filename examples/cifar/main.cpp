@@ -148,8 +148,8 @@ int main(int argc, char** argv) {
   app.add_option(
          "--threads",
          config.threads,
-         "intra-op threads (0: LibTorch's default, one per core, or every "
-         "usable CPU where it finds one core)")
+         "intra-op threads (0: LibTorch's default, one per core or as "
+         "OMP_NUM_THREADS says, or every usable CPU where it finds one core)")
       ->capture_default_str();
   app.add_option(
          "--seed",

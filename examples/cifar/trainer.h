@@ -114,8 +114,13 @@ class Trainer {
     if (config_.lr == 0.0) {
       config_.lr = config_.optimizer == OptimizerKind::kAdamW ? 2e-3 : 0.1;
     }
-    torch::set_num_threads(
-        config_.threads > 0 ? config_.threads : default_threads());
+    // Only a change is applied: setting the count switches off MKL's own
+    // choice of threads per call (LibTorch 2.x wheels).
+    const int threads =
+        config_.threads > 0 ? config_.threads : default_threads();
+    if (threads != torch::get_num_threads()) {
+      torch::set_num_threads(threads);
+    }
     device_ = training_device(config_);
     dataset_ = load_dataset(config_.dataset, config_.data_dir);
     augment_ = config_.augment == Augment::kOn ||
