@@ -278,6 +278,90 @@ TEST(ModelZoo, FullyReversibleGradientsEqualTheSameNetworkWithPlainAutograd) {
   }
 }
 
+// PreActConv against BatchNorm2d, ReLU and Conv2d with plain autograd, on
+// the same parameters, in float64: output, every gradient and the running
+// statistics, in training and in eval mode, with strides 1 and 2.
+TEST(PreActConv, EqualsPlainBatchNormReluConvIncludingRunningStatistics) {
+  for (const int64_t stride : {1, 2}) {
+    for (const bool training : {true, false}) {
+      SCOPED_TRACE(
+          "stride " + std::to_string(stride) +
+          (training ? ", training" : ", eval"));
+      torch::manual_seed(63);
+      torchrev::models::PreActConv lean(
+          torchrev::models::PreActConvOptions(3, 5, 3).stride(stride));
+      lean->to(torch::kFloat64);
+      torch::NoGradGuard no_grad_init;
+      lean->bn->weight.uniform_(0.5, 1.5);
+      lean->bn->bias.uniform_(-0.5, 0.5);
+      lean->bn->running_mean.uniform_(-0.3, 0.3);
+      lean->bn->running_var.uniform_(0.5, 2.0);
+      torch::nn::Sequential plain(
+          torch::nn::BatchNorm2d(3),
+          torch::nn::ReLU(),
+          torchrev::models::conv_no_bias(3, 5, 3, stride));
+      plain->to(torch::kFloat64);
+      auto plain_params = plain->named_parameters();
+      auto plain_buffers = plain->named_buffers();
+      plain_params["0.weight"].copy_(lean->bn->weight);
+      plain_params["0.bias"].copy_(lean->bn->bias);
+      plain_params["2.weight"].copy_(lean->conv->weight);
+      plain_buffers["0.running_mean"].copy_(lean->bn->running_mean);
+      plain_buffers["0.running_var"].copy_(lean->bn->running_var);
+      lean->train(training);
+      plain->train(training);
+      torch::GradMode::set_enabled(true);
+
+      auto input = torch::randn({4, 3, 8, 8}, torch::kFloat64);
+      auto weights =
+          torch::randn({4, 5, 8 / stride, 8 / stride}, torch::kFloat64);
+      auto x_lean = input.clone().requires_grad_(true);
+      auto x_plain = input.clone().requires_grad_(true);
+      auto y_lean = lean(x_lean);
+      auto y_plain = plain->forward(x_plain);
+      EXPECT_CLOSE(y_lean, y_plain, 1e-12);
+      (y_lean * weights).sum().backward();
+      (y_plain * weights).sum().backward();
+      EXPECT_CLOSE(x_lean.grad(), x_plain.grad(), 1e-12);
+      EXPECT_CLOSE(
+          lean->bn->weight.grad(), plain_params["0.weight"].grad(), 1e-12);
+      EXPECT_CLOSE(lean->bn->bias.grad(), plain_params["0.bias"].grad(), 1e-12);
+      EXPECT_CLOSE(
+          lean->conv->weight.grad(), plain_params["2.weight"].grad(), 1e-12);
+      EXPECT_CLOSE(
+          lean->bn->running_mean, plain_buffers["0.running_mean"], 1e-12);
+      EXPECT_CLOSE(
+          lean->bn->running_var, plain_buffers["0.running_var"], 1e-12);
+      EXPECT_EQ(
+          lean->bn->num_batches_tracked.item<int64_t>(),
+          plain_buffers["0.num_batches_tracked"].item<int64_t>());
+      // It is one node that keeps only its input (and parameters).
+      EXPECT_NE(
+          y_lean.grad_fn()->name().find("PreActConvFunction"),
+          std::string::npos);
+    }
+  }
+}
+
+TEST(PreActConv, RejectsAnInputOfAnotherWidthAndDoubleBackward) {
+  torchrev::models::PreActConv unit(
+      torchrev::models::PreActConvOptions(3, 4, 1));
+  EXPECT_ERROR_CONTAINS(
+      unit(torch::randn({2, 5, 4, 4})),
+      "PreActConv",
+      "3 channels",
+      "[2, 5, 4, 4]");
+  auto x = torch::randn({2, 3, 4, 4}, torch::requires_grad());
+  auto y = unit(x).pow(2).sum();
+  EXPECT_ERROR_CONTAINS(
+      torch::autograd::grad({y}, {x}, {}, true, /*create_graph=*/true),
+      "PreActConv does not support double backward");
+  // Under autocast, or where nothing records a graph, it runs the plain
+  // modules.
+  torch::NoGradGuard no_grad;
+  EXPECT_EQ(unit(x).grad_fn(), nullptr);
+}
+
 TEST(ModelZoo, AFullyReversibleTrunkIsOneStageWithNoStoredBlock) {
   auto net = std::dynamic_pointer_cast<torchrev::models::RevNetInvImpl>(
       torchrev::models::create("revnet110_inv"));

@@ -756,6 +756,9 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       }
       detail::check_no_outside_dependencies(
           y_again, x_leaf, params, scope, where, "forward");
+      // Only y_again's graph is needed now, not its values: its memory goes
+      // before the backward allocates dx (unless a node saved it).
+      release_unreferenced_memory(y_again);
       auto member_grads = differentiate(y_again, {x_leaf}, params, dy);
       y_again = torch::Tensor();
       dy = torch::Tensor();
@@ -768,20 +771,57 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     const bool previous_needs_x = num_inputs == 2
         ? ctx->needs_input_grad(0) || ctx->needs_input_grad(1)
         : ctx->needs_input_grad(0);
+    // A coupling block before this member gets x and dx as two dense halves,
+    // split as it splits: views of one tensor would keep all of it alive
+    // until both were released, and its backward could neither write x2
+    // over y2's memory nor accumulate into dy.
     if (i > 0 && previous_needs_x && !state.keeps_output(i - 1)) {
-      // Hand x to the previous member's node, split as it splits.
+      // Hand x to the previous member's node.
       state.reconstructed[i - 1] = num_inputs == 2
-          ? split_views(x, state.split_dims[i - 1])
+          ? dense_halves(std::move(x), state.split_dims[i - 1])
           : Halves{std::move(x), torch::Tensor(), 1};
     }
+    x = torch::Tensor();
     if (num_inputs == 1) {
       grads[2] = std::move(dx);
     } else if (dx.defined()) {
-      auto halves = split_views(dx, state.split_dims[i - 1]);
+      auto halves = dense_halves(std::move(dx), state.split_dims[i - 1]);
       grads[2] = std::move(halves.first);
       grads[3] = std::move(halves.second);
     }
     return grads;
+  }
+
+  /// `t`'s halves along `dim` as two dense tensors in its memory format,
+  /// with `t` released as soon as both are copied.
+  // By value: the caller moves its tensor in.
+  static Halves dense_halves(
+      torch::Tensor t, // NOLINT(performance-unnecessary-value-param)
+      int64_t dim) {
+    const auto format = t.suggest_memory_format();
+    auto views = t.chunk(2, dim);
+    t = torch::Tensor();
+    // A half that is already dense (a batch of one) is copied too.
+    const auto copy = [format](torch::Tensor& view) {
+      auto half = view.is_contiguous(format) ? view.clone(format)
+                                             : view.contiguous(format);
+      view = torch::Tensor();
+      return half;
+    };
+    Halves h{copy(views[0]), torch::Tensor(), dim};
+    h.second = copy(views[1]);
+    return h;
+  }
+
+  /// Releases the memory of `t`, a recompute's output whose graph is still
+  /// to be back-propagated, when nothing refers to that memory but `t`
+  /// (`only_reference`): then no node of the graph saved it, and the
+  /// backward reads only `t`'s sizes and gradient edge, never its values.
+  /// `t` must not be read afterwards.
+  static void release_unreferenced_memory(const torch::Tensor& t) {
+    if (only_reference(t, 1)) {
+      t.storage().unsafeGetStorageImpl()->reset();
+    }
   }
 
   static Halves split_views(const torch::Tensor& t, int64_t dim) {

@@ -4,6 +4,8 @@
 // (He et al. 2016, "Identity Mappings in Deep Residual Networks") and the
 // blocks that use them.
 
+#include <torchrev/autograd/preact_conv_function.h>
+#include <torchrev/detail/autocast_state.h>
 #include <torchrev/rev_block.h>
 
 #include <torch/nn.h>
@@ -29,6 +31,114 @@ inline torch::nn::Conv2d conv_no_bias(
                                .stride(stride)
                                .padding(kernel / 2)
                                .bias(false));
+}
+
+/// Options of `PreActConv`.
+struct PreActConvOptions {
+  PreActConvOptions(int64_t in, int64_t out, int64_t kernel)
+      : in_(in), out_(out), kernel_(kernel) {}
+  /// Input channels (BatchNorm's width).
+  TORCH_ARG(int64_t, in);
+  /// Output channels.
+  TORCH_ARG(int64_t, out);
+  /// Square kernel size; the padding is kernel / 2.
+  TORCH_ARG(int64_t, kernel);
+  /// Stride of the convolution.
+  TORCH_ARG(int64_t, stride) = 1;
+};
+
+/// A pre-activation unit, BatchNorm2d -> ReLU -> Conv2d (no bias, padding
+/// kernel / 2), that keeps only its input for its backward and recomputes
+/// the ReLU's output there (`autograd::PreActConvFunction`): half the
+/// activation memory of the three plain modules, for one more elementwise
+/// pass. Same parameters, buffers and results as
+/// `Sequential(BatchNorm2d(in), ReLU(), conv_no_bias(in, out, kernel,
+/// stride))`. Under autocast, without anything that requires grad, or with
+/// grad mode off it runs those plain modules.
+///
+/// ```
+/// torchrev::models::PreActConv unit(
+///     torchrev::models::PreActConvOptions(16, 32, 3).stride(2));
+/// auto y = unit(torch::randn({8, 16, 32, 32})); // 8 x 32 x 16 x 16
+/// ```
+class PreActConvImpl : public torch::nn::Cloneable<PreActConvImpl> {
+ public:
+  explicit PreActConvImpl(PreActConvOptions options_)
+      : options(std::move(options_)) {
+    reset();
+  }
+
+  void reset() override;
+
+  torch::Tensor forward(const torch::Tensor& x);
+
+  void pretty_print(std::ostream& stream) const override {
+    stream << "torchrev::models::PreActConv[" << options.in() << " -> "
+           << options.out() << ", kernel=" << options.kernel()
+           << ", stride=" << options.stride() << "]";
+  }
+
+  PreActConvOptions options;
+  torch::nn::BatchNorm2d bn{nullptr};
+  torch::nn::Conv2d conv{nullptr};
+};
+TORCH_MODULE(PreActConv);
+
+inline void PreActConvImpl::reset() {
+  bn = register_module("bn", torch::nn::BatchNorm2d(options.in()));
+  conv = register_module(
+      "conv",
+      conv_no_bias(
+          options.in(), options.out(), options.kernel(), options.stride()));
+}
+
+inline torch::Tensor PreActConvImpl::forward(const torch::Tensor& x) {
+  TORCH_CHECK(
+      x.dim() == 4 && x.size(1) == options.in(),
+      "torchrev::models::PreActConv: expected a 4-D input with ",
+      options.in(),
+      " channels (N x C x H x W), got shape ",
+      x.sizes());
+  auto& norm = *bn;
+  const bool records_graph = torch::GradMode::is_enabled() &&
+      (x.requires_grad() || norm.weight.requires_grad() ||
+       norm.bias.requires_grad() || conv->weight.requires_grad());
+  const auto autocast = torchrev::detail::AutocastState::current();
+  if (!records_graph || autocast.cpu_enabled || autocast.cuda_enabled) {
+    // In place: BatchNorm keeps its input, not its output.
+    return conv(bn(x).relu_());
+  }
+  // BatchNorm's own bookkeeping (BatchNormImplBase::forward), then the
+  // node; a torchrev recompute has detached the running statistics.
+  const auto& bn_options = norm.options;
+  double momentum = bn_options.momentum().value_or(0.0);
+  if (norm.is_training() && bn_options.track_running_stats() &&
+      norm.num_batches_tracked.defined()) {
+    norm.num_batches_tracked += 1;
+    if (!bn_options.momentum().has_value()) {
+      momentum = 1.0 / norm.num_batches_tracked.item<double>();
+    }
+  }
+  const bool batch_stats =
+      norm.is_training() || !bn_options.track_running_stats();
+  if (batch_stats) {
+    TORCH_CHECK(
+        x.numel() / x.size(1) > 1,
+        "torchrev::models::PreActConv: expected more than 1 value per "
+        "channel when training, got input size ",
+        x.sizes());
+  }
+  const int64_t pad = options.kernel() / 2;
+  autograd::PreActConvSettings settings;
+  settings.running_mean = norm.running_mean;
+  settings.running_var = norm.running_var;
+  settings.training = batch_stats;
+  settings.momentum = momentum;
+  settings.eps = bn_options.eps();
+  settings.stride = {options.stride(), options.stride()};
+  settings.padding = {pad, pad};
+  return autograd::PreActConvFunction::apply(
+      x, norm.weight, norm.bias, conv->weight, settings);
 }
 
 /// Which residual function a block computes.
@@ -64,54 +174,75 @@ struct ResidualBlockOptions {
   TORCH_ARG(ResidualKind, kind) = ResidualKind::kBasic;
 };
 
+namespace detail {
+
+/// Appends BatchNorm -> ReLU -> conv(in -> out) to `seq`: one `PreActConv`
+/// when `lean`, else the three plain modules.
+inline void append_preact(
+    torch::nn::Sequential& seq,
+    int64_t in,
+    int64_t out,
+    int64_t kernel,
+    int64_t stride,
+    bool lean) {
+  if (lean) {
+    seq->push_back(
+        PreActConv(PreActConvOptions(in, out, kernel).stride(stride)));
+    return;
+  }
+  seq->push_back(torch::nn::BatchNorm2d(in));
+  seq->push_back(torch::nn::ReLU());
+  seq->push_back(conv_no_bias(in, out, kernel, stride));
+}
+
+} // namespace detail
+
 /// Pre-activation basic residual function, two 3x3 convolutions:
-/// BN-ReLU-conv3x3(in->out, stride)-BN-ReLU-conv3x3(out->out).
+/// BN-ReLU-conv3x3(in->out, stride)-BN-ReLU-conv3x3(out->out). With `lean`,
+/// each BN-ReLU-conv is a `PreActConv` (same parameters, half the
+/// activation memory).
 inline torch::nn::Sequential basic_residual(
     int64_t in,
     int64_t out,
-    int64_t stride = 1) {
-  return torch::nn::Sequential(
-      torch::nn::BatchNorm2d(in),
-      torch::nn::ReLU(),
-      conv_no_bias(in, out, 3, stride),
-      torch::nn::BatchNorm2d(out),
-      torch::nn::ReLU(),
-      conv_no_bias(out, out, 3));
+    int64_t stride = 1,
+    bool lean = false) {
+  torch::nn::Sequential seq;
+  detail::append_preact(seq, in, out, 3, stride, lean);
+  detail::append_preact(seq, out, out, 3, 1, lean);
+  return seq;
 }
 
 /// Pre-activation bottleneck residual function, 1x1-3x3-1x1 convolutions
 /// with an inner width of out / 4:
 /// BN-ReLU-conv1x1(in->out/4)-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1(->out).
+/// With `lean`, each BN-ReLU-conv is a `PreActConv`.
 inline torch::nn::Sequential bottleneck_residual(
     int64_t in,
     int64_t out,
-    int64_t stride = 1) {
+    int64_t stride = 1,
+    bool lean = false) {
   TORCH_CHECK(
       out % 4 == 0,
       "torchrev::models: a bottleneck needs a width divisible by 4, got ",
       out);
   const int64_t inner = out / 4;
-  return torch::nn::Sequential(
-      torch::nn::BatchNorm2d(in),
-      torch::nn::ReLU(),
-      conv_no_bias(in, inner, 1),
-      torch::nn::BatchNorm2d(inner),
-      torch::nn::ReLU(),
-      conv_no_bias(inner, inner, 3, stride),
-      torch::nn::BatchNorm2d(inner),
-      torch::nn::ReLU(),
-      conv_no_bias(inner, out, 1));
+  torch::nn::Sequential seq;
+  detail::append_preact(seq, in, inner, 1, 1, lean);
+  detail::append_preact(seq, inner, inner, 3, stride, lean);
+  detail::append_preact(seq, inner, out, 1, 1, lean);
+  return seq;
 }
 
-/// The residual function of a block: basic or bottleneck.
+/// The residual function of a block: basic or bottleneck, lean or plain.
 inline torch::nn::Sequential residual(
     ResidualKind kind,
     int64_t in,
     int64_t out,
-    int64_t stride = 1) {
+    int64_t stride = 1,
+    bool lean = false) {
   return kind == ResidualKind::kBottleneck
-      ? bottleneck_residual(in, out, stride)
-      : basic_residual(in, out, stride);
+      ? bottleneck_residual(in, out, stride, lean)
+      : basic_residual(in, out, stride, lean);
 }
 
 /// The shortcut of a block that changes width or resolution: a strided 1x1
@@ -225,19 +356,20 @@ class RevTransitionBlockImpl
 TORCH_MODULE(RevTransitionBlock);
 
 /// A reversible pre-activation block of width `width` (F and G each act on
-/// width / 2 channels).
+/// width / 2 channels), of `PreActConv`s when `lean`.
 using PreActRevBlock = RevBlock<torch::nn::Sequential, torch::nn::Sequential>;
 
 inline PreActRevBlock preact_rev_block(
     int64_t width,
-    ResidualKind kind = ResidualKind::kBasic) {
+    ResidualKind kind = ResidualKind::kBasic,
+    bool lean = false) {
   TORCH_CHECK(
       width % 2 == 0,
       "torchrev::models: a reversible block needs an even width, got ",
       width);
   return PreActRevBlock(
-      residual(kind, width / 2, width / 2),
-      residual(kind, width / 2, width / 2));
+      residual(kind, width / 2, width / 2, 1, lean),
+      residual(kind, width / 2, width / 2, 1, lean));
 }
 
 /// A residual function that acts on the first `active` of `total` channels
@@ -248,8 +380,12 @@ inline PreActRevBlock preact_rev_block(
 /// blocks compute at the paper's width.
 class SlicedResidualImpl : public torch::nn::Cloneable<SlicedResidualImpl> {
  public:
-  SlicedResidualImpl(int64_t active, int64_t total, ResidualKind kind)
-      : kind_(kind), active_(active), total_(total) {
+  SlicedResidualImpl(
+      int64_t active,
+      int64_t total,
+      ResidualKind kind,
+      bool lean = false)
+      : kind_(kind), active_(active), total_(total), lean_(lean) {
     TORCH_CHECK(
         active >= 1 && active <= total,
         "torchrev::models::SlicedResidual: expected 1 <= active <= total, got "
@@ -262,7 +398,7 @@ class SlicedResidualImpl : public torch::nn::Cloneable<SlicedResidualImpl> {
   }
 
   void reset() override {
-    body = register_module("body", residual(kind_, active_, active_));
+    body = register_module("body", residual(kind_, active_, active_, 1, lean_));
   }
 
   torch::Tensor forward(const torch::Tensor& x) {
@@ -277,7 +413,8 @@ class SlicedResidualImpl : public torch::nn::Cloneable<SlicedResidualImpl> {
 
   void pretty_print(std::ostream& stream) const override {
     stream << "torchrev::models::SlicedResidual[" << active_ << " of " << total_
-           << (kind_ == ResidualKind::kBottleneck ? ", bottleneck" : "") << "]";
+           << (kind_ == ResidualKind::kBottleneck ? ", bottleneck" : "")
+           << (lean_ ? ", lean" : "") << "]";
   }
 
   torch::nn::Sequential body{nullptr};
@@ -285,48 +422,43 @@ class SlicedResidualImpl : public torch::nn::Cloneable<SlicedResidualImpl> {
  private:
   ResidualKind kind_;
   int64_t active_, total_;
+  bool lean_;
 };
 TORCH_MODULE(SlicedResidual);
 
 /// A residual function on `channels` channels that computes at width
 /// `inner`: BN-ReLU-conv3x3 to `inner`, BN-ReLU-conv3x3 back; as a
-/// bottleneck, BN-ReLU-conv1x1 to inner / 4, a 3x3 and a 1x1 back.
+/// bottleneck, BN-ReLU-conv1x1 to inner / 4, a 3x3 and a 1x1 back. With
+/// `lean`, each BN-ReLU-conv is a `PreActConv`.
 inline torch::nn::Sequential mixing_residual(
     ResidualKind kind,
     int64_t channels,
-    int64_t inner) {
+    int64_t inner,
+    bool lean = false) {
+  torch::nn::Sequential seq;
   if (kind == ResidualKind::kBasic) {
-    return torch::nn::Sequential(
-        torch::nn::BatchNorm2d(channels),
-        torch::nn::ReLU(),
-        conv_no_bias(channels, inner, 3),
-        torch::nn::BatchNorm2d(inner),
-        torch::nn::ReLU(),
-        conv_no_bias(inner, channels, 3));
+    detail::append_preact(seq, channels, inner, 3, 1, lean);
+    detail::append_preact(seq, inner, channels, 3, 1, lean);
+    return seq;
   }
   const int64_t m = inner / 4;
-  return torch::nn::Sequential(
-      torch::nn::BatchNorm2d(channels),
-      torch::nn::ReLU(),
-      conv_no_bias(channels, m, 1),
-      torch::nn::BatchNorm2d(m),
-      torch::nn::ReLU(),
-      conv_no_bias(m, m, 3),
-      torch::nn::BatchNorm2d(m),
-      torch::nn::ReLU(),
-      conv_no_bias(m, channels, 1));
+  detail::append_preact(seq, channels, m, 1, 1, lean);
+  detail::append_preact(seq, m, m, 3, 1, lean);
+  detail::append_preact(seq, m, channels, 1, 1, lean);
+  return seq;
 }
 
 /// A reversible pre-activation block on `trunk` channels whose F and G
 /// compute at width `width` / 2. With `mix_all`, F and G read and write all
 /// trunk / 2 channels of their halves (`mixing_residual`); otherwise they
 /// read and write the first width / 2 channels and leave the rest alone
-/// (`SlicedResidual`).
+/// (`SlicedResidual`). With `lean`, their BN-ReLU-convs are `PreActConv`s.
 inline PreActRevBlock sliced_rev_block(
     ResidualKind kind,
     int64_t width,
     int64_t trunk,
-    bool mix_all) {
+    bool mix_all,
+    bool lean = false) {
   TORCH_CHECK(
       width % 2 == 0 && trunk % 2 == 0,
       "torchrev::models: a reversible block needs even widths, got ",
@@ -334,12 +466,12 @@ inline PreActRevBlock sliced_rev_block(
       " of ",
       trunk);
   if (width == trunk) {
-    return preact_rev_block(width, kind);
+    return preact_rev_block(width, kind, lean);
   }
   auto residual_function = [&] {
-    return mix_all
-        ? mixing_residual(kind, trunk / 2, width / 2)
-        : torch::nn::Sequential(SlicedResidual(width / 2, trunk / 2, kind));
+    return mix_all ? mixing_residual(kind, trunk / 2, width / 2, lean)
+                   : torch::nn::Sequential(
+                         SlicedResidual(width / 2, trunk / 2, kind, lean));
   };
   return PreActRevBlock(residual_function(), residual_function());
 }

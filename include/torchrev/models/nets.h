@@ -319,7 +319,10 @@ TORCH_MODULE(RevNet);
 /// (`SlicedResidual`), and the remaining channels pass through them
 /// unchanged, as a multi-scale flow (RealNVP, Glow) factors them out. The
 /// head (BN-ReLU-pool-linear) sees all trunk channels. Units per stage are the
-/// paper's, the transition unit becoming a reversible block. Options as for
+/// paper's, the transition unit becoming a reversible block. Its
+/// BN-ReLU-convs are `PreActConv`s, which keep only their input, so that the
+/// one block's recompute graph is small too (not twice differentiable; build
+/// a `RevNet` for that). Options as for
 /// `RevNet`; `channels()[0]` and `checkpoint_transitions` are not used.
 class RevNetInvImpl : public detail::CloneableClassifier<RevNetInvImpl> {
  public:
@@ -356,7 +359,8 @@ class RevNetInvImpl : public detail::CloneableClassifier<RevNetInvImpl> {
             residual_kind(options.bottleneck()),
             width,
             trunk_width,
-            /*mix_all=*/u == 0));
+            /*mix_all=*/u == 0,
+            /*lean=*/true));
       }
     }
     head = register_module("head", detail::pool_head(trunk_width));
