@@ -238,15 +238,25 @@ TEST(ModelZoo, RevNetGradientsEqualTheSameNetworkWithPlainAutograd) {
 }
 
 TEST(ModelZoo, FullyReversibleGradientsEqualTheSameNetworkWithPlainAutograd) {
-  for (const std::string name :
-       {"revnet38_inv", "revnet164_inv", "revnet_mini_inv"}) {
-    SCOPED_TRACE(name);
+  // Channels-last too, as the benchmarks and the trainer run them: the
+  // halves of a channels-last tensor are strided views.
+  for (const auto& [name, channels_last] :
+       std::vector<std::pair<std::string, bool>>{
+           {"revnet38_inv", false},
+           {"revnet164_inv", false},
+           {"revnet_mini_inv", false},
+           {"revnet38_inv", true}}) {
+    SCOPED_TRACE(name + (channels_last ? ", channels last" : ""));
     torch::manual_seed(62);
     auto rev = std::dynamic_pointer_cast<torchrev::models::RevNetInvImpl>(
         torchrev::models::create(name));
     ASSERT_NE(rev, nullptr);
     rev->to(torch::kFloat64);
     auto input = torch::randn({2, 3, 16, 16}, torch::kFloat64);
+    if (channels_last) {
+      torchrev::models::use_channels_last(*rev);
+      input = input.contiguous(torch::MemoryFormat::ChannelsLast);
+    }
     auto labels = torch::tensor({3, 7});
     std::vector<std::vector<torch::Tensor>> grads;
     std::vector<torch::Tensor> input_grads;

@@ -204,3 +204,15 @@ TEST(Readme, TransformersFromTheZoo) {
   logits.sum().backward();
   EXPECT_TRUE(net->embedding->patches->weight.grad().defined());
 }
+
+TEST(Readme, APreActConvUnit) {
+  // "Model zoo": a lean pre-activation unit.
+  auto x = torch::randn({4, 16, 8, 8}, torch::requires_grad());
+  torchrev::models::PreActConv unit(
+      torchrev::models::PreActConvOptions(16, 32, 3).stride(2));
+  auto y = unit(x); // BatchNorm2d(16) -> ReLU -> 3x3 conv, stride 2
+  EXPECT_EQ(y.sizes(), torch::IntArrayRef({4, 32, 4, 4}));
+  y.sum().backward();
+  EXPECT_TRUE(x.grad().defined());
+  EXPECT_TRUE(unit->conv->weight.grad().defined());
+}

@@ -150,6 +150,20 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
 
   /// Runs the stage; see the class comment for when activations are stored.
   torch::Tensor forward(const torch::Tensor& x) {
+    return run(x);
+  }
+
+  /// Runs the stage as `forward` does, but takes the input over: the stage
+  /// drops its handle to `x` once the first member has read it, so that
+  /// the input's memory is released then, rather than when the stage
+  /// returns, if the caller holds no other handle (pass a temporary, or
+  /// `std::move` yours). `run_stage` runs a stage this way.
+  torch::Tensor forward_consuming(torch::Tensor x) {
+    return run(std::move(x));
+  }
+
+ private:
+  torch::Tensor run(torch::Tensor x) {
     TORCH_CHECK(
         !blocks_.empty(),
         "torchrev::RevSequential: cannot run an empty stage; push_back at "
@@ -186,7 +200,7 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
     const bool train =
         torch::GradMode::is_enabled() && (x.requires_grad() || any_param);
     if (!train) {
-      torch::Tensor y = x;
+      torch::Tensor y = std::move(x);
       for (size_t i = 0; i < blocks_.size(); ++i) {
         auto* coupling = dynamic_cast<CouplingBlockBase*>(blocks_[i].get());
         y = coupling != nullptr
@@ -216,7 +230,7 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
       drift_ = state->drift;
     }
     state->resize();
-    torch::autograd::variable_list h{x};
+    torch::autograd::variable_list h{std::move(x)};
     for (size_t i = 0; i < blocks_.size(); ++i) {
       h = autograd::RevBlockFunction::apply(
           state,
@@ -227,6 +241,7 @@ class RevSequentialImpl : public torch::nn::Cloneable<RevSequentialImpl> {
     return h[0];
   }
 
+ public:
   /// With `options.track_drift`, what the first backward of the last
   /// training forward's graph measured (every error -1 until it has run;
   /// an empty report without the option).

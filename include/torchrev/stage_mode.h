@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstddef>
 #include <memory>
+#include <utility>
 #include <vector>
 
 namespace torchrev {
@@ -31,7 +32,9 @@ enum class StageMode {
 };
 
 /// Runs `stage` on `x` in `mode` and returns its output; the same modules,
-/// parameters and random numbers in every mode.
+/// parameters and random numbers in every mode. Reversible, it runs the
+/// stage with `forward_consuming`: a temporary `x` (or one moved in) is
+/// released once the first member has read it.
 ///
 /// ```
 /// auto y = torchrev::run_stage(*stage, x, torchrev::StageMode::kStored);
@@ -42,7 +45,7 @@ inline torch::Tensor run_stage(
     StageMode mode) {
   switch (mode) {
     case StageMode::kReversible:
-      return stage.forward(x);
+      return stage.forward_consuming(std::move(x));
     case StageMode::kStored:
       for (const auto& member : stage) {
         x = member->forward(x);
@@ -80,9 +83,9 @@ inline torch::Tensor run_stage(
 /// `run_stage` for a stage's holder.
 inline torch::Tensor run_stage(
     RevSequential stage,
-    const torch::Tensor& x,
+    torch::Tensor x,
     StageMode mode) {
-  return run_stage(*stage, x, mode);
+  return run_stage(*stage, std::move(x), mode);
 }
 
 } // namespace torchrev

@@ -383,6 +383,7 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     }
     auto y1 = detail::checked_couple(
         *block, h.first, detail::checked_f(*block, h.second, where), where);
+    h.first = torch::Tensor(); // x1 is not needed for y2: it goes before G
     if (state->preserve_rng_state) {
       state->rng_before_g[i] =
           detail::RngState::capture(device, state->rng_before_f[i]);
@@ -450,6 +451,11 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       torch::Tensor g2 = std::move(grad_outputs[1]);
       owns_dy_first = owned_gradient(g1);
       owns_dy_second = owned_gradient(g2);
+      if (!owns_dy_first && !owns_dy_second && owned_pair(g1, g2, dim)) {
+        // The two halves of one gradient (from a member that is not a
+        // coupling block), and nothing else refers to it.
+        owns_dy_first = owns_dy_second = true;
+      }
       dy = Halves{
           owns_dy_first ? std::move(g1) : g1.detach(),
           owns_dy_second ? std::move(g2) : g2.detach(),
@@ -728,6 +734,12 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     const size_t num_inputs = state.num_inputs(i);
     const size_t first_param = 2 + num_inputs;
     torch::autograd::variable_list grads(first_param + params.size());
+    const bool previous_needs_x = num_inputs == 2
+        ? ctx->needs_input_grad(0) || ctx->needs_input_grad(1)
+        : ctx->needs_input_grad(0);
+    // Whether the previous member's node gets x (an anchor kept its own).
+    const bool hands_over_x =
+        i > 0 && previous_needs_x && !state.keeps_output(i - 1);
     torch::Tensor x, dx;
     {
       detail::BlockUse exclusive(
@@ -759,6 +771,21 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
       // Only y_again's graph is needed now, not its values: its memory goes
       // before the backward allocates dx (unless a node saved it).
       release_unreferenced_memory(y_again);
+      if (hands_over_x && num_inputs == 2) {
+        // A coupling block before this member gets x as two dense halves,
+        // split as it splits: halves that were views of one tensor would
+        // keep all of it alive until both went, and its backward could not
+        // write x2 over y2's memory. x itself goes before dx is allocated,
+        // unless the graph saved it: its only handles are then x, x_leaf
+        // and x_leaf's gradient accumulator, which reads no values (the
+        // gradient is captured at its edge, not accumulated).
+        state.reconstructed[i - 1] = dense_halves(x, state.split_dims[i - 1]);
+        if (x.use_count() == 1 && x_leaf.use_count() <= 2 &&
+            x.storage().use_count() == 2) {
+          x.storage().unsafeGetStorageImpl()->reset();
+        }
+        x = torch::Tensor();
+      }
       auto member_grads = differentiate(y_again, {x_leaf}, params, dy);
       y_again = torch::Tensor();
       dy = torch::Tensor();
@@ -768,39 +795,29 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     if (i == 0) {
       state.measure_drift(0, x);
     }
-    const bool previous_needs_x = num_inputs == 2
-        ? ctx->needs_input_grad(0) || ctx->needs_input_grad(1)
-        : ctx->needs_input_grad(0);
-    // A coupling block before this member gets x and dx as two dense halves,
-    // split as it splits: views of one tensor would keep all of it alive
-    // until both were released, and its backward could neither write x2
-    // over y2's memory nor accumulate into dy.
-    if (i > 0 && previous_needs_x && !state.keeps_output(i - 1)) {
+    if (hands_over_x && num_inputs == 1) {
       // Hand x to the previous member's node.
-      state.reconstructed[i - 1] = num_inputs == 2
-          ? dense_halves(std::move(x), state.split_dims[i - 1])
-          : Halves{std::move(x), torch::Tensor(), 1};
+      state.reconstructed[i - 1] = Halves{std::move(x), torch::Tensor(), 1};
     }
     x = torch::Tensor();
     if (num_inputs == 1) {
       grads[2] = std::move(dx);
     } else if (dx.defined()) {
-      auto halves = dense_halves(std::move(dx), state.split_dims[i - 1]);
+      // Views of dx: the coupling block before sums into them in place when
+      // they are all that refers to dx (`owned_pair`), so copying them
+      // would only add a copy to this backward's peak.
+      auto halves = split_views(dx, state.split_dims[i - 1]);
+      dx = torch::Tensor();
       grads[2] = std::move(halves.first);
       grads[3] = std::move(halves.second);
     }
     return grads;
   }
 
-  /// `t`'s halves along `dim` as two dense tensors in its memory format,
-  /// with `t` released as soon as both are copied.
-  // By value: the caller moves its tensor in.
-  static Halves dense_halves(
-      torch::Tensor t, // NOLINT(performance-unnecessary-value-param)
-      int64_t dim) {
+  /// `t`'s halves along `dim` as two dense tensors in its memory format.
+  static Halves dense_halves(const torch::Tensor& t, int64_t dim) {
     const auto format = t.suggest_memory_format();
     auto views = t.chunk(2, dim);
-    t = torch::Tensor();
     // A half that is already dense (a batch of one) is copied too.
     const auto copy = [format](torch::Tensor& view) {
       auto half = view.is_contiguous(format) ? view.clone(format)
@@ -878,6 +895,43 @@ struct RevBlockFunction : public torch::autograd::Function<RevBlockFunction> {
     constexpr size_t kAutogradHandles = 0;
 #endif
     return !g.requires_grad() && only_reference(g, 1 + kAutogradHandles);
+  }
+
+  /// True when `first` and `second` are the two halves along `dim` of one
+  /// tensor that does not overlap itself, and nothing else refers to its
+  /// memory (as `owned_gradient` for each): then each may be written. (The
+  /// halves a member's node returns, `split_views` of its dx.)
+  static bool owned_pair(
+      const torch::Tensor& first,
+      const torch::Tensor& second,
+      int64_t dim) {
+#if TORCH_VERSION_MAJOR < 2
+    constexpr size_t kHandles = 2;
+#else
+    constexpr size_t kHandles = 1;
+#endif
+    const auto plain = [](const torch::Tensor& t) {
+      return t.defined() && !t.requires_grad() && t.has_storage() &&
+          t.layout() == torch::kStrided && !t.is_nested() &&
+          !t._is_zerotensor() && t.use_count() <= kHandles;
+    };
+    // Two views of one base (which the views keep alive; nothing else may
+    // refer to it), or two tensors that share the memory with nothing else.
+    const bool views_of_one_base = first.is_view() && second.is_view() &&
+        first._base().is_same(second._base()) &&
+        first._base().use_count() == 2 && first.storage().use_count() == 3;
+    if (!plain(first) || !plain(second) || !first.is_alias_of(second) ||
+        !(views_of_one_base || first.storage().use_count() == 2) ||
+        first.sizes() != second.sizes() ||
+        first.strides() != second.strides() || dim < 0 || dim >= first.dim() ||
+        second.storage_offset() !=
+            first.storage_offset() + first.size(dim) * first.stride(dim)) {
+      return false;
+    }
+    auto whole_sizes = first.sizes().vec();
+    whole_sizes[dim] *= 2;
+    return first.as_strided(whole_sizes, first.strides())
+        .is_non_overlapping_and_dense();
   }
 
   /// Computes `y - out` into `out`'s memory and returns it (detached), when

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <ostream>
 #include <utility>
+#include <vector>
 
 namespace torchrev {
 namespace models {
@@ -92,24 +93,31 @@ inline void PreActConvImpl::reset() {
           options.in(), options.out(), options.kernel(), options.stride()));
 }
 
-inline torch::Tensor PreActConvImpl::forward(const torch::Tensor& x) {
-  TORCH_CHECK(
-      x.dim() == 4 && x.size(1) == options.in(),
-      "torchrev::models::PreActConv: expected a 4-D input with ",
-      options.in(),
-      " channels (N x C x H x W), got shape ",
-      x.sizes());
-  auto& norm = *bn;
-  const bool records_graph = torch::GradMode::is_enabled() &&
-      (x.requires_grad() || norm.weight.requires_grad() ||
-       norm.bias.requires_grad() || conv->weight.requires_grad());
-  const auto autocast = torchrev::detail::AutocastState::current();
-  if (!records_graph || autocast.cpu_enabled || autocast.cuda_enabled) {
-    // In place: BatchNorm keeps its input, not its output.
-    return conv(bn(x).relu_());
+namespace detail {
+
+/// Whether a pre-activation unit on `x` runs as its autograd Function: when
+/// it records a graph (grad mode on, something requires grad) outside
+/// autocast. Otherwise it runs the plain modules.
+inline bool runs_pre_activation_node(
+    const torch::Tensor& x,
+    const std::vector<torch::Tensor>& params) {
+  bool records_graph = torch::GradMode::is_enabled() && x.requires_grad();
+  for (const auto& p : params) {
+    records_graph = records_graph ||
+        (torch::GradMode::is_enabled() && p.defined() && p.requires_grad());
   }
-  // BatchNorm's own bookkeeping (BatchNormImplBase::forward), then the
-  // node; a torchrev recompute has detached the running statistics.
+  const auto autocast = torchrev::detail::AutocastState::current();
+  return records_graph && !autocast.cpu_enabled && !autocast.cuda_enabled;
+}
+
+/// BatchNorm's own bookkeeping before a forward (as
+/// `BatchNormImplBase::forward` does it: the batch count and the momentum),
+/// and what the pre-activation Functions need from it. A torchrev recompute
+/// has detached the running statistics, so nothing is updated then.
+inline autograd::PreActSettings pre_activation_settings(
+    torch::nn::BatchNorm2dImpl& norm,
+    const torch::Tensor& x,
+    const char* who) {
   const auto& bn_options = norm.options;
   double momentum = bn_options.momentum().value_or(0.0);
   if (norm.is_training() && bn_options.track_running_stats() &&
@@ -119,27 +127,89 @@ inline torch::Tensor PreActConvImpl::forward(const torch::Tensor& x) {
       momentum = 1.0 / norm.num_batches_tracked.item<double>();
     }
   }
-  const bool batch_stats =
-      norm.is_training() || !bn_options.track_running_stats();
-  if (batch_stats) {
-    TORCH_CHECK(
-        x.numel() / x.size(1) > 1,
-        "torchrev::models::PreActConv: expected more than 1 value per "
-        "channel when training, got input size ",
-        x.sizes());
-  }
-  const int64_t pad = options.kernel() / 2;
-  autograd::PreActConvSettings settings;
+  autograd::PreActSettings settings;
+  settings.training = norm.is_training() || !bn_options.track_running_stats();
+  TORCH_CHECK(
+      !settings.training || x.numel() / x.size(1) > 1,
+      who,
+      ": expected more than 1 value per channel when training, got input "
+      "size ",
+      x.sizes());
   settings.running_mean = norm.running_mean;
   settings.running_var = norm.running_var;
-  settings.training = batch_stats;
   settings.momentum = momentum;
   settings.eps = bn_options.eps();
+  return settings;
+}
+
+/// Checks that `x` is N x `channels` x H x W.
+inline void check_pre_activation_input(
+    const torch::Tensor& x,
+    int64_t channels,
+    const char* who) {
+  TORCH_CHECK(
+      x.dim() == 4 && x.size(1) == channels,
+      who,
+      ": expected a 4-D input with ",
+      channels,
+      " channels (N x C x H x W), got shape ",
+      x.sizes());
+}
+
+} // namespace detail
+
+inline torch::Tensor PreActConvImpl::forward(const torch::Tensor& x) {
+  constexpr const char* kWho = "torchrev::models::PreActConv";
+  detail::check_pre_activation_input(x, options.in(), kWho);
+  if (!detail::runs_pre_activation_node(
+          x, {bn->weight, bn->bias, conv->weight})) {
+    // In place: BatchNorm keeps its input, not its output.
+    return conv(bn(x).relu_());
+  }
+  auto settings = detail::pre_activation_settings(*bn, x, kWho);
+  const int64_t pad = options.kernel() / 2;
   settings.stride = {options.stride(), options.stride()};
   settings.padding = {pad, pad};
   return autograd::PreActConvFunction::apply(
-      x, norm.weight, norm.bias, conv->weight, settings);
+      x, bn->weight, bn->bias, conv->weight, settings);
 }
+
+/// A classifier head's pre-activation pooling, BatchNorm2d -> ReLU ->
+/// global average pooling (N x C x H x W -> N x C), that keeps only its
+/// input for its backward, like `PreActConv`
+/// (`autograd::PreActPoolFunction`). Same parameters, buffers and results
+/// as `Sequential(BatchNorm2d(channels), ReLU(), AdaptiveAvgPool2d(1),
+/// Flatten())`; the same fallbacks as `PreActConv`.
+class PreActPoolImpl : public torch::nn::Cloneable<PreActPoolImpl> {
+ public:
+  explicit PreActPoolImpl(int64_t channels) : channels_(channels) {
+    reset();
+  }
+
+  void reset() override {
+    bn = register_module("bn", torch::nn::BatchNorm2d(channels_));
+  }
+
+  torch::Tensor forward(const torch::Tensor& x) {
+    constexpr const char* kWho = "torchrev::models::PreActPool";
+    detail::check_pre_activation_input(x, channels_, kWho);
+    if (!detail::runs_pre_activation_node(x, {bn->weight, bn->bias})) {
+      return bn(x).relu_().mean({2, 3});
+    }
+    return autograd::PreActPoolFunction::apply(
+        x, bn->weight, bn->bias, detail::pre_activation_settings(*bn, x, kWho));
+  }
+
+  void pretty_print(std::ostream& stream) const override {
+    stream << "torchrev::models::PreActPool[" << channels_ << "]";
+  }
+
+  torch::nn::BatchNorm2d bn{nullptr};
+
+ private:
+  int64_t channels_;
+};
+TORCH_MODULE(PreActPool);
 
 /// Which residual function a block computes.
 enum class ResidualKind {

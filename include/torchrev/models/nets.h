@@ -265,7 +265,7 @@ class RevNetImpl : public detail::CloneableClassifier<RevNetImpl> {
       }
       auto stage = stages->ptr<RevSequentialImpl>(s);
       if (!stage->is_empty()) {
-        x = run_stage(*stage, x, options.mode());
+        x = run_stage(*stage, std::move(x), options.mode());
       }
     }
     return fc(head->forward(x));
@@ -320,9 +320,10 @@ TORCH_MODULE(RevNet);
 /// unchanged, as a multi-scale flow (RealNVP, Glow) factors them out. The
 /// head (BN-ReLU-pool-linear) sees all trunk channels. Units per stage are the
 /// paper's, the transition unit becoming a reversible block. Its
-/// BN-ReLU-convs are `PreActConv`s, which keep only their input, so that the
-/// one block's recompute graph is small too (not twice differentiable; build
-/// a `RevNet` for that). Options as for
+/// BN-ReLU-convs are `PreActConv`s and its head's BN-ReLU-pool a
+/// `PreActPool`, which keep only their input, so that the one block's
+/// recompute graph and the head are small too (not twice differentiable;
+/// build a `RevNet` for that). Options as for
 /// `RevNet`; `channels()[0]` and `checkpoint_transitions` are not used.
 class RevNetInvImpl : public detail::CloneableClassifier<RevNetInvImpl> {
  public:
@@ -363,7 +364,10 @@ class RevNetInvImpl : public detail::CloneableClassifier<RevNetInvImpl> {
             /*lean=*/true));
       }
     }
-    head = register_module("head", detail::pool_head(trunk_width));
+    // BN-ReLU-pool as one `PreActPool`: the head then keeps only the trunk
+    // output, which the trunk keeps anyway.
+    head =
+        register_module("head", torch::nn::Sequential(PreActPool(trunk_width)));
     fc = register_module(
         "fc", torch::nn::Linear(trunk_width, options.num_classes()));
   }
